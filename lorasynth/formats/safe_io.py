@@ -1,0 +1,134 @@
+"""Safe reading and atomic writing of safetensors files.
+
+Everything lorasynth reads from outside goes through :func:`read_safetensors`: it
+refuses pickles (``torch.save`` zips, raw pickles, ``.ckpt``/``.pt``/``.bin``) without
+unpickling them, validates the header before safetensors parses it (size bound,
+JSON, offsets inside the file) and turns every failure into one clear FormatError.
+Every write is atomic: a temp file in the target folder, fsync, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import FormatError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _looks_pickled(head: bytes) -> bool:
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
+    """Validate a safetensors file's framing; return ``(tensor entries, metadata)``.
+
+    Raises FormatError for pickles, non-safetensors data, an oversized or invalid
+    header, and truncated files. Never unpickles anything.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path}: no such file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if _looks_pickled(head) or path.suffix.lower() in PICKLE_SUFFIXES:
+            raise FormatError(
+                f"{path}: looks like a pickled PyTorch checkpoint; lorasynth never unpickles LoRA files "
+                "(they can run code). Convert it to .safetensors with a tool you trust."
+            )
+        if len(head) < 8:
+            raise FormatError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            raise FormatError(f"{path}: safetensors header claims {n} bytes (limit {MAX_HEADER_BYTES}); refusing")
+        if n > size - 8:
+            raise FormatError(f"{path}: not a safetensors file, or truncated (header of {n} bytes, file {size} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not a safetensors file (header is not JSON: {e.msg if hasattr(e, 'msg') else e})")
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: not a safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_len = size - 8 - n
+    for key, entry in header.items():
+        try:
+            start, end = entry["data_offsets"]
+            dtype, shape = entry["dtype"], entry["shape"]
+        except (TypeError, KeyError, ValueError):
+            raise FormatError(f"{path}: malformed safetensors entry for {key!r}")
+        if end > data_len or start > end:
+            raise FormatError(f"{path}: truncated file: tensor {key!r} ends at byte {end}, data holds {data_len}")
+        count = 1
+        for d in shape:
+            count *= int(d)
+        if dtype in _DTYPE_SIZES and count * _DTYPE_SIZES[dtype] != end - start:
+            raise FormatError(f"{path}: tensor {key!r} size does not match its shape {shape} and dtype {dtype}")
+    return header, {str(k): str(v) for k, v in metadata.items()}
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load all tensors and the string metadata of a validated safetensors file."""
+    _, metadata = read_header(path)
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error types
+        raise FormatError(f"{path}: cannot read safetensors data: {e}") from None
+    return tensors, metadata
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success fsync it and rename it over ``path``.
+
+    On any exception the temp file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write tensors atomically (contiguous CPU copies; metadata values must be strings)."""
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a binary file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
