@@ -36,10 +36,31 @@ SD15_ATTENTION_BLOCKS = tuple(
 )
 
 
+def file_path(prefix: str, path: str) -> str:
+    """The module path as LoRA files spell it.
+
+    transformers >= 5 dropped the ``text_model.`` level of ``CLIPTextModel``; every LoRA
+    file (kohya ``lora_te_text_model_…``, diffusers ``text_encoder.text_model.…``) keeps it.
+    """
+    if prefix == "text_encoder" and not path.startswith("text_model."):
+        return "text_model." + path
+    return path
+
+
+def get_layer(model: torch.nn.Module, prefix: str, path: str) -> torch.nn.Module:
+    """The submodule at a file-spelled ``path`` of ``model`` (either transformers spelling)."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        if prefix == "text_encoder" and path.startswith("text_model."):
+            return model.get_submodule(path[len("text_model."):])
+        raise
+
+
 def module_shapes_of(model: torch.nn.Module, prefix: str) -> dict[str, tuple[int, ...]]:
-    """``{prefix.path: weight shape}`` for every Linear and Conv2d of ``model``."""
+    """``{prefix.path: weight shape}`` for every Linear and Conv2d of ``model`` (file spelling)."""
     return {
-        f"{prefix}.{name}": tuple(mod.weight.shape)
+        f"{prefix}.{file_path(prefix, name)}": tuple(mod.weight.shape)
         for name, mod in model.named_modules()
         if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))
     }

@@ -52,7 +52,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
             raise FormatError(f"{path}: not a safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES:
-            raise FormatError(f"{path}: safetensors header claims {n} bytes (limit {MAX_HEADER_BYTES}); refusing")
+            raise FormatError(f"{path}: not a safetensors file, or a hostile one: header claims {n} bytes (limit {MAX_HEADER_BYTES})")
         if n > size - 8:
             raise FormatError(f"{path}: not a safetensors file, or truncated (header of {n} bytes, file {size} bytes)")
         raw = f.read(n)

@@ -1,0 +1,121 @@
+"""Fuse LoRAs into a diffusers Stable Diffusion pipeline on CPU, and restore it bit-exactly.
+
+diffusers' ``fuse_lora``/``unfuse_lora`` subtract the update again on unfuse, which in
+bf16 leaves ~2.4e-4 error in the weights. Here fusing swaps in a new weight tensor
+``W + sum_j scale_j dW_j`` (computed in float32, cast once) and keeps the original
+tensor object; restoring swaps it back, so the original weights return bit for bit in
+any dtype, and no copy of the untouched weights is ever made.
+
+    with fused(pipe, [(lora, 0.8), (other, 0.5)]):
+        image = pipe(...)
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+
+from .errors import LayoutError
+from .formats.keys import ModuleTree, some
+from .lora import LoRA
+from .sd15 import get_layer
+
+LoRAWithScale = tuple[LoRA, float]
+
+
+def pipeline_models(pipe) -> dict[str, torch.nn.Module]:
+    """The components a LoRA may target: ``{'unet': ..., 'text_encoder': ...}``."""
+    return {k: getattr(pipe, k) for k in ("unet", "text_encoder") if getattr(pipe, k, None) is not None}
+
+
+def pipeline_tree(pipe) -> ModuleTree:
+    """Module tree of a loaded pipeline, for resolving kohya names against the real model."""
+    models = pipeline_models(pipe)
+    return ModuleTree.from_models(models.get("unet"), models.get("text_encoder"))
+
+
+def _target_layers(models: dict[str, torch.nn.Module], loras: Sequence[LoRAWithScale]) -> dict[str, torch.nn.Module]:
+    """Find every target layer and check its shape, before anything is modified."""
+    layers: dict[str, torch.nn.Module] = {}
+    missing = []
+    for lora, _ in loras:
+        for name, m in lora.modules.items():
+            if name in layers:
+                continue
+            component, path = name.split(".", 1)
+            try:
+                layer = get_layer(models[component], component, path)
+                weight = layer.weight
+            except (KeyError, AttributeError):
+                missing.append(name)
+                continue
+            if tuple(weight.shape) != tuple(m.weight_shape):
+                raise LayoutError(
+                    f"LoRA module {name} does not fit the base model: update shape {tuple(m.weight_shape)}, "
+                    f"model weight {tuple(weight.shape)} (is the LoRA for another base model?)"
+                )
+            layers[name] = layer
+    if missing:
+        raise LayoutError(f"LoRA targets modules the base model does not have: {some(missing)}")
+    return layers
+
+
+class FusedLoRAs:
+    """LoRAs fused into a pipeline; :meth:`restore` puts the exact original weights back."""
+
+    def __init__(self, pipe, loras: Sequence[LoRAWithScale]):
+        models = pipeline_models(pipe)
+        layers = _target_layers(models, loras)
+        deltas: dict[str, torch.Tensor] = {}
+        for lora, scale in loras:
+            for name, m in lora.modules.items():
+                d = m.delta(torch.float32)
+                deltas[name] = deltas[name].add_(d, alpha=scale) if name in deltas else d.mul_(scale)
+        self._originals: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                param = layers[name].weight
+                original = param.data
+                if original.dtype == torch.float32:
+                    fused = original + delta.to(original.device)
+                else:
+                    fused = (original.float() + delta.to(original.device)).to(original.dtype)
+                if original.is_contiguous(memory_format=torch.channels_last) and original.ndim == 4:
+                    fused = fused.contiguous(memory_format=torch.channels_last)
+                self._originals.append((param, original))
+                param.data = fused
+        self.num_layers = len(deltas)
+
+    def restore(self) -> None:
+        """Swap the original weight tensors back (bit-exact); safe to call twice."""
+        with torch.no_grad():
+            for param, original in reversed(self._originals):
+                param.data = original
+        self._originals.clear()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._originals)
+
+    def __enter__(self) -> "FusedLoRAs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def fuse(pipe, loras: Sequence[LoRAWithScale]) -> FusedLoRAs:
+    """Fuse ``[(lora, scale), ...]`` into ``pipe`` in place; returns the handle to restore."""
+    return FusedLoRAs(pipe, loras)
+
+
+@contextmanager
+def fused(pipe, loras: Sequence[LoRAWithScale]) -> Iterator[FusedLoRAs]:
+    """Context manager: LoRAs fused inside the block, original weights restored after."""
+    handle = FusedLoRAs(pipe, loras)
+    try:
+        yield handle
+    finally:
+        handle.restore()
