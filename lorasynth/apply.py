@@ -42,21 +42,21 @@ def _target_layers(models: dict[str, torch.nn.Module], loras: Sequence[LoRAWithS
     missing = []
     for lora, _ in loras:
         for name, m in lora.modules.items():
-            if name in layers:
-                continue
-            component, path = name.split(".", 1)
-            try:
-                layer = get_layer(models[component], component, path)
-                weight = layer.weight
-            except (KeyError, AttributeError):
-                missing.append(name)
-                continue
+            if name not in layers:
+                component, path = name.split(".", 1)
+                try:
+                    layers[name] = get_layer(models[component], component, path)
+                    layers[name].weight
+                except (KeyError, AttributeError):
+                    layers.pop(name, None)
+                    missing.append(name)
+                    continue
+            weight = layers[name].weight
             if tuple(weight.shape) != tuple(m.weight_shape):
                 raise LayoutError(
                     f"LoRA module {name} does not fit the base model: update shape {tuple(m.weight_shape)}, "
                     f"model weight {tuple(weight.shape)} (is the LoRA for another base model?)"
                 )
-            layers[name] = layer
     if missing:
         raise LayoutError(f"LoRA targets modules the base model does not have: {some(missing)}")
     return layers
