@@ -19,7 +19,7 @@ import torch
 
 from .errors import LayoutError
 from .formats.keys import ModuleTree, some
-from .lora import LoRA
+from .lora import LoRA, LoRAModule
 from .sd15 import get_layer
 
 LoRAWithScale = tuple[LoRA, float]
@@ -68,25 +68,29 @@ class FusedLoRAs:
     def __init__(self, pipe, loras: Sequence[LoRAWithScale]):
         models = pipeline_models(pipe)
         layers = _target_layers(models, loras)
-        deltas: dict[str, torch.Tensor] = {}
+        parts: dict[str, list[tuple[float, LoRAModule]]] = {}
         for lora, scale in loras:
             for name, m in lora.modules.items():
-                d = m.delta(torch.float32)
-                deltas[name] = deltas[name].add_(d, alpha=scale) if name in deltas else d.mul_(scale)
+                parts.setdefault(name, []).append((float(scale), m))
         self._originals: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         with torch.no_grad():
-            for name, delta in deltas.items():
+            for name, group in parts.items():
                 param = layers[name].weight
                 original = param.data
+                # every LoRA on this layer in one product: B = [s1 B1, s2 B2...], A = [A1; A2...]
+                b = torch.cat([m.factors(torch.float32)[0] * s for s, m in group], dim=1)
+                a = torch.cat([m.factors(torch.float32)[1] for _, m in group], dim=0)
+                w2d = original.reshape(original.shape[0], -1)
                 if original.dtype == torch.float32:
-                    fused = original + delta.to(original.device)
+                    fused = torch.addmm(w2d, b, a)  # one pass, no separate delta tensor
                 else:
-                    fused = (original.float() + delta.to(original.device)).to(original.dtype)
-                if original.is_contiguous(memory_format=torch.channels_last) and original.ndim == 4:
+                    fused = torch.addmm(w2d.float(), b, a).to(original.dtype)
+                fused = fused.reshape(original.shape)
+                if original.ndim == 4 and original.is_contiguous(memory_format=torch.channels_last):
                     fused = fused.contiguous(memory_format=torch.channels_last)
                 self._originals.append((param, original))
                 param.data = fused
-        self.num_layers = len(deltas)
+        self.num_layers = len(parts)
 
     def restore(self) -> None:
         """Swap the original weight tensors back (bit-exact); safe to call twice."""

@@ -78,29 +78,40 @@ def blend(
     work_dtype = torch.float64 if rank is not None else out_dtype
 
     names = sorted(set().union(*(lora.modules for lora in loras)))
-    modules: dict[str, LoRAModule] = {}
-    report = BlendReport(rank)
-    discarded_sq = total_sq = 0.0
+    stacked: dict[str, tuple[torch.Tensor, torch.Tensor, LoRAModule]] = {}
     for name in names:
         parts = [(float(w), lora.modules[name]) for lora, w in zip(loras, weights) if name in lora.modules]
         shapes = {p[1].weight_shape for p in parts}
         if len(shapes) > 1:
             raise LayoutError(f"cannot blend module {name}: the LoRAs update weights of different shapes {sorted(shapes)}")
-        like = parts[0][1]
         b, a = _stacked_factors(parts, work_dtype)
-        if rank is None:
-            modules[name] = module_from_factors(b, a, like, out_dtype)
-            continue
-        u, s, vh = factored_svd(b, a)
+        stacked[name] = (b, a, parts[0][1])
+    if rank is None:
+        modules = {n: module_from_factors(b, a, like, out_dtype) for n, (b, a, like) in stacked.items()}
+        return LoRA(modules, _blend_metadata(weights, rank)), BlendReport(rank)
+
+    # truncation: one batched QR/SVD per group of modules with equal factor shapes
+    groups: dict[tuple, list[str]] = {}
+    for n, (b, a, _) in stacked.items():
+        groups.setdefault((tuple(b.shape), tuple(a.shape)), []).append(n)
+    modules = {}
+    report = BlendReport(rank)
+    discarded_sq = total_sq = 0.0
+    for group in groups.values():
+        u, s, vh = factored_svd(torch.stack([stacked[n][0] for n in group]), torch.stack([stacked[n][1] for n in group]))
         s2 = s.square()
-        kept = s2[:rank].sum().item()
-        total = s2.sum().item()
-        report.module_errors[name] = math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
-        discarded_sq += max(total - kept, 0.0)
-        total_sq += total
-        b2, a2 = factors_from_svd(u, s, vh, rank)
-        modules[name] = module_from_factors(b2, a2, like, out_dtype)
-    if rank is not None:
-        report.overall_error = math.sqrt(discarded_sq / total_sq) if total_sq > 0 else 0.0
-    meta = {"lorasynth.blend": json.dumps({"weights": [float(w) for w in weights], "rank": rank})}
-    return LoRA(modules, meta), report
+        totals, kept = s2.sum(dim=1).tolist(), s2[:, :rank].sum(dim=1).tolist()
+        for i, n in enumerate(group):
+            lost = max(totals[i] - kept[i], 0.0)
+            report.module_errors[n] = math.sqrt(lost / totals[i]) if totals[i] > 0 else 0.0
+            discarded_sq += lost
+            total_sq += totals[i]
+            b2, a2 = factors_from_svd(u[i], s[i], vh[i], rank)
+            modules[n] = module_from_factors(b2, a2, stacked[n][2], out_dtype)
+    report.overall_error = math.sqrt(discarded_sq / total_sq) if total_sq > 0 else 0.0
+    modules = {n: modules[n] for n in names}
+    return LoRA(modules, _blend_metadata(weights, rank)), report
+
+
+def _blend_metadata(weights: Sequence[float], rank: int | None) -> dict[str, str]:
+    return {"lorasynth.blend": json.dumps({"weights": [float(w) for w in weights], "rank": rank})}

@@ -145,11 +145,13 @@ def factored_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.
     QR of ``b`` and of ``a^T`` reduces the problem to an R x R core, so the cost is
     O((out + in) R^2) instead of O(out * in * min(out, in)).
     Returns ``U (out x k), S (k), Vh (k x in)`` with ``k = min(out, in, R)``.
+    Works on batches too (leading dimensions), which is how blending runs many modules of
+    one shape in a single call.
     """
     qb, rb = torch.linalg.qr(b)
-    qa, ra = torch.linalg.qr(a.T)
-    uc, s, vhc = torch.linalg.svd(rb @ ra.T, full_matrices=False)
-    return qb @ uc, s, vhc @ qa.T
+    qa, ra = torch.linalg.qr(a.mT)
+    uc, s, vhc = torch.linalg.svd(rb @ ra.mT, full_matrices=False)
+    return qb @ uc, s, vhc @ qa.mT
 
 
 def _fix_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

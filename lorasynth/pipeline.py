@@ -69,11 +69,13 @@ def _looks_like_path(base: str) -> bool:
     )
 
 
-def _missing_model_error(base: str, why: str) -> ModelError:
-    return ModelError(
+def _missing_model_error(base: str, why: str, detail: str = "") -> ModelError:
+    """One line: what failed, what to do, then (shortened) what the library underneath said."""
+    message = (
         f"cannot load base model {base!r}: {why}. Point it at a local diffusers-format SD1.5 folder "
         f"(one with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
     )
+    return ModelError(f"{message} [{detail}]" if detail else message)
 
 
 def load_pipeline(
@@ -127,14 +129,16 @@ def load_pipeline(
             pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **common)
         except Exception as exc:
             raise ModelError(f"cannot load base model {base!r}: the folder is incomplete or broken: {_first_line(exc)}") from exc
-    elif path.exists() or _looks_like_path(base):
+    elif path.exists():
+        raise _missing_model_error(base, "it is neither a folder nor a .safetensors checkpoint")
+    elif _looks_like_path(base):
         raise _missing_model_error(base, "no such folder")
     else:
         try:
             pipe = StableDiffusionPipeline.from_pretrained(base, **common)
         except Exception as exc:
             raise _missing_model_error(
-                base, f"not a local folder, and the hub did not provide it (offline? wrong id?): {_first_line(exc)}"
+                base, "not a local folder, and the hub did not provide it (offline? wrong id?)", _first_line(exc)
             ) from exc
 
     check_tokenizer(pipe.tokenizer)
@@ -145,9 +149,9 @@ def load_pipeline(
     return pipe.to(device)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:

@@ -111,11 +111,17 @@ def _quiet_transformers_progress():
 def _build_components(size: str, seed: int, tokenizer_dir: Path):
     """Instantiate the pipeline with random weights drawn from ``seed``."""
     import torch
+
+    # a private RNG stream: the caller's global torch RNG state is left untouched
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _instantiate(SIZES[size], tokenizer_dir)
+
+
+def _instantiate(cfg: dict, tokenizer_dir: Path):
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    cfg = SIZES[size]
-    torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=cfg["sample_size"],
         in_channels=4,
@@ -155,7 +161,7 @@ def _build_components(size: str, seed: int, tokenizer_dir: Path):
     )
     text_encoder = CLIPTextModel(text_config)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    pipe = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -165,7 +171,6 @@ def _build_components(size: str, seed: int, tokenizer_dir: Path):
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    return pipe
 
 
 def build_sd_pipeline(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:

@@ -30,6 +30,7 @@ class ModuleTree:
     """Names and weight shapes of the Linear/Conv modules a LoRA may target."""
 
     shapes: dict[str, tuple[int, ...]]
+    label: str = "base model's UNet/text encoder"
     _by_kohya: dict[str, str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -59,7 +60,7 @@ class ModuleTree:
 @lru_cache(maxsize=1)
 def sd15_tree() -> ModuleTree:
     """The SD1.5 UNet + text encoder tree (from the shipped table; no weights, no diffusers)."""
-    return ModuleTree(sd15_module_shapes())
+    return ModuleTree(sd15_module_shapes(), "SD1.5 UNet/text encoder")
 
 
 def some(names, n: int = 3) -> str:

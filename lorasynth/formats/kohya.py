@@ -34,7 +34,7 @@ def read_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sourc
     groups = group_factors(tensors, _parse, source)
     unresolved = [k for k in groups if tree.resolve_kohya(k) is None]
     if unresolved:
-        raise FormatError(f"{source}: module names not found in the SD1.5 UNet/text encoder: {some(unresolved)}")
+        raise FormatError(f"{source}: module names not found in the {tree.label}: {some(unresolved)}")
     modules = {}
     for kname, g in groups.items():
         alpha = tensor_alpha(g[ALPHA], kname, source) if ALPHA in g else None
