@@ -184,3 +184,31 @@ class Layout:
             modules[spec.name] = LoRAModule(down, up, spec.rank if alpha is None else alpha)
             pos += nd + nu
         return LoRA(modules)
+
+
+def _module_factor_views(layout: Layout, v: torch.Tensor):
+    """Per module of ``layout``: ``(B (n, out, r), A (n, r, in))`` views into rows ``v`` (n, D)."""
+    pos = 0
+    for spec in layout.modules:
+        r, n_in, n_out = spec.rank, math.prod(spec.down_shape[1:]), spec.up_shape[0]
+        nd, nu = r * n_in, n_out * r
+        a = v[:, pos : pos + nd].reshape(-1, r, n_in)
+        b = v[:, pos + nd : pos + nd + nu].reshape(-1, n_out, r)
+        yield b, a
+        pos += nd + nu
+
+
+def delta_inner(layout: Layout, x, y) -> torch.Tensor:
+    """Frobenius inner products ``<dW(x), dW(y)>`` summed over all modules, row by row.
+
+    ``x``/``y`` are flat vectors (rows broadcast) whose factors have scale 1 (canonical
+    vectors, or raw ones with alpha = rank). Uses ``<B1 A1, B2 A2> = sum((B1^T B2) * (A1 A2^T))``:
+    never forms ``dW``. Returns float64 ``(n,)``.
+    """
+    x = torch.atleast_2d(torch.as_tensor(x, dtype=torch.float64))
+    y = torch.atleast_2d(torch.as_tensor(y, dtype=torch.float64))
+    x, y = torch.broadcast_tensors(x, y)
+    total = torch.zeros(x.shape[0], dtype=torch.float64)
+    for (bx, ax), (by, ay) in zip(_module_factor_views(layout, x), _module_factor_views(layout, y)):
+        total += ((bx.transpose(1, 2) @ by) * (ax @ ay.transpose(1, 2))).sum(dim=(1, 2))
+    return total

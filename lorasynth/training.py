@@ -47,6 +47,8 @@ _QUIET_WARNINGS = (
     ".*The number of training batches .* is smaller than the logging interval.*",
     ".*You defined a `validation_step` but have no `val_dataloader`.*",
     ".*on_epoch=True.*",
+    ".*The dirpath has changed from.*",
+    ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
 )
 
 

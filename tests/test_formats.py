@@ -172,15 +172,26 @@ def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
     path = save_lora(sd15_lora(NAMES[:1], seed=1), tmp_path / "keep.safetensors")
     before = path.read_bytes()
 
-    def broken(tensors, filename, metadata=None):
-        open(filename, "wb").write(b"partial")
+    real_fsync = safe_io.os.fsync
+
+    def broken(fd):  # the temp file is fully written, then the disk fails
         raise OSError("disk full")
 
-    monkeypatch.setattr(safe_io, "save_file", broken)
+    monkeypatch.setattr(safe_io.os, "fsync", broken)
     with pytest.raises(OSError):
         save_lora(sd15_lora(NAMES[:1], seed=2), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["keep.safetensors"]
+    monkeypatch.setattr(safe_io.os, "fsync", real_fsync)
+
+
+def test_writes_are_deterministic(tmp_path):
+    lora = sd15_lora(NAMES, seed=4)
+    lora.metadata.update({f"lorasynth.k{i}": str(i) for i in range(20)})
+    a = save_lora(lora, tmp_path / "a" / "x.safetensors").read_bytes()
+    b = save_lora(lora, tmp_path / "b" / "x.safetensors").read_bytes()
+    assert a == b
+    assert load_lora(tmp_path / "a" / "x.safetensors").metadata["lorasynth.k7"] == "7"
 
 
 def test_save_refuses_nan_and_unknown_format(tmp_path):
@@ -191,3 +202,18 @@ def test_save_refuses_nan_and_unknown_format(tmp_path):
     with pytest.raises(FormatError, match="NaN/Inf"):
         save_lora(lora, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_header_length_starting_with_pickle_opcode_is_not_a_pickle(tmp_path):
+    # e.g. a 0x580-byte header: the file starts with 0x80 0x05 like a protocol-5 pickle
+    from lorasynth.formats.safe_io import safetensors_bytes, write_bytes
+
+    lora = sd15_lora(NAMES[:1])
+    for pad in range(400):
+        lora.metadata["pad"] = "x" * pad
+        data = safetensors_bytes(*__import__("lorasynth.formats.kohya", fromlist=["to_kohya"]).to_kohya(lora, tmp_path / "p"))
+        if data[0] == 0x80 and 2 <= data[1] <= 5:
+            break
+    assert data[0] == 0x80 and 2 <= data[1] <= 5
+    write_bytes(tmp_path / "p.safetensors", data)
+    assert load_lora(tmp_path / "p.safetensors").metadata["pad"] == lora.metadata["pad"]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ..errors import FormatError
 
@@ -28,7 +28,14 @@ _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 
 def _looks_pickled(head: bytes) -> bool:
-    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+    """A torch.save zip, or a raw pickle (PROTO opcode 0x80 + version 2..5).
+
+    A safetensors file whose header length is 0x280/0x380/... also starts with 0x80 0x02..5,
+    so a raw pickle is only assumed when byte 8 is not the ``{`` that opens a header.
+    """
+    if head.startswith(b"PK\x03\x04"):
+        return True
+    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5 and head[8:9] != b"{"
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
@@ -42,7 +49,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
         raise FormatError(f"{path}: no such file")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
         if _looks_pickled(head) or path.suffix.lower() in PICKLE_SUFFIXES:
             raise FormatError(
                 f"{path}: looks like a pickled PyTorch checkpoint; lorasynth never unpickles LoRA files "
@@ -50,11 +57,12 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
             )
         if len(head) < 8:
             raise FormatError(f"{path}: not a safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
+        (n,) = struct.unpack("<Q", head[:8])
         if n > MAX_HEADER_BYTES:
             raise FormatError(f"{path}: not a safetensors file, or a hostile one: header claims {n} bytes (limit {MAX_HEADER_BYTES})")
         if n > size - 8:
             raise FormatError(f"{path}: not a safetensors file, or truncated (header of {n} bytes, file {size} bytes)")
+        f.seek(8)
         raw = f.read(n)
     try:
         header = json.loads(raw)
@@ -111,13 +119,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Write tensors atomically (contiguous CPU copies; metadata values must be strings)."""
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Serialize to safetensors bytes, deterministically.
+
+    safetensors writes its header from a hash map, so the key order (and the file bytes)
+    can change between runs; the header is re-serialized here with sorted keys so the same
+    tensors and metadata always give the same bytes (reproducible synthesis, stable hashes).
+    """
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    with atomic_path(path) as tmp:
-        save_file(clean, str(tmp), metadata=meta)
-    return Path(path)
+    raw = save(clean, metadata=meta)
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.dumps(json.loads(raw[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + raw[8 + n :]
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write tensors atomically and deterministically (metadata values must be strings)."""
+    return write_bytes(path, safetensors_bytes(tensors, metadata))
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -1,0 +1,27 @@
+"""``demo``: the embedded default run (what ``make demo`` runs)."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole mission offline on a small random-weight model, write a report")
+    p.add_argument("--out", default="demo_out", help="output folder (LoRA files, previews, eval, report.md)")
+    p.add_argument("--cache", default=None, help="cache folder (default ~/.cache/lorasynth/demo or $LORASYNTH_CACHE)")
+    p.add_argument("--smoke", action="store_true", help="a much smaller run (for tests)")
+    p.add_argument("--identities", type=int, default=None, help="planted identities in the library")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from ..demo import SMOKE, DemoConfig, run_demo
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = SMOKE if args.smoke else DemoConfig()
+    if args.identities:
+        cfg = dataclasses.replace(cfg, identities=args.identities)
+    run_demo(args.out, cfg, args.cache)
+    return 0

@@ -1,0 +1,299 @@
+"""``lorasynth library ...``: create, fill, inspect, check, pack and export a LoRA library.
+
+Other command modules add subcommands to the group (e.g. ``library train``) from their own
+``register(sub)``::
+
+    from .library import library_subparsers
+    p = library_subparsers(sub).add_parser("train", help="...")
+
+:func:`library_subparsers` creates the ``library`` group if it is not there yet, so the
+order of the modules in ``COMMAND_MODULES`` does not matter.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..errors import LibraryError, LorasynthError
+
+_GROUP_ATTR = "_lorasynth_library_subparsers"
+
+
+def library_subparsers(sub):
+    """The subparsers object of the ``library`` command group (created on first call)."""
+    group = getattr(sub, _GROUP_ATTR, None)
+    if group is None:
+        p = sub.add_parser(
+            "library",
+            help="manage a LoRA library: init, add, import, import-w2w, list, show, remove, verify, pack, export",
+            description="A LoRA library: one base model, one layout, content-addressed LoRA blobs + face embeddings.",
+        )
+        p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+        group = p.add_subparsers(dest="library_command", metavar="ACTION")
+        setattr(sub, _GROUP_ATTR, group)
+    return group
+
+
+def register(sub) -> None:
+    lib = library_subparsers(sub)
+
+    p = lib.add_parser("init", help="create an empty library")
+    p.add_argument("dir")
+    p.add_argument("--base", required=True, help="base model id or path the LoRAs are for (recorded)")
+    p.add_argument("--layout", default="w2w",
+                   help="'w2w' (rank-1 to_q/to_v, 99,648 values), a LoRA .safetensors to copy the layout from, "
+                        "or a layout .json")
+    p.add_argument("--embedder", default="dlib", help="face embedder for this library: dlib, arcface or none")
+    p.set_defaults(func=cmd_init)
+
+    p = lib.add_parser("add", help="add one LoRA file")
+    p.add_argument("dir")
+    p.add_argument("file")
+    p.add_argument("--name", help="entry name (default: file name without extension)")
+    p.add_argument("--photo", action="append", default=[], help="face photo to embed (repeatable: averaged)")
+    p.add_argument("--embedding", help=".npy face embedding for the library's embedder")
+    p.add_argument("--attr", action="append", default=[], metavar="K=V", help="attribute (repeatable; V parsed as JSON if it can be)")
+    p.add_argument("--source", help="where the LoRA came from (default: the file path)")
+    p.add_argument("--model-root", help="face model folder (arcface)")
+    p.set_defaults(func=cmd_add)
+
+    p = lib.add_parser("import", help="import a folder of LoRA files (+ .npy/.json/photo sidecars)")
+    p.add_argument("dir")
+    p.add_argument("folder")
+    p.add_argument("--model-root", help="face model folder (arcface)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_import)
+
+    p = lib.add_parser("import-w2w", help="import rows of the weights2weights dataset (memory-mapped)")
+    p.add_argument("dir")
+    p.add_argument("w2w_dir", help="folder with all_weights.pt (and weight_dimensions.pt, identity_df.pt)")
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--stop", type=int, default=None)
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle identity_df.pt for CelebA attributes (a pickle can run code: only for files you trust)")
+    p.add_argument("--identity-order", choices=("file", "position"), default="file",
+                   help="match identity_df rows to weight rows by sorted 'file' (default) or by position")
+    p.add_argument("--batch", type=int, default=32, help="rows per transaction")
+    p.set_defaults(func=cmd_import_w2w)
+
+    p = lib.add_parser("list", help="list entries")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=None)
+    p.set_defaults(func=cmd_list)
+
+    p = lib.add_parser("show", help="show one entry (id or name); with no id, the library summary")
+    p.add_argument("dir")
+    p.add_argument("id", nargs="?")
+    p.set_defaults(func=cmd_show)
+
+    p = lib.add_parser("remove", help="remove an entry (id or name)")
+    p.add_argument("dir")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_remove)
+
+    p = lib.add_parser("verify", help="re-hash every blob; exit 1 on missing/corrupt blobs")
+    p.add_argument("dir")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--clean", action="store_true", help="also delete orphan blobs and stale temp files")
+    p.set_defaults(func=cmd_verify)
+
+    p = lib.add_parser("pack", help="write the packed training matrix (canonical vectors + embeddings)")
+    p.add_argument("dir")
+    p.add_argument("out")
+    p.add_argument("--embedder", help="which embeddings to pack (default: the library's embedder; 'none': no embeddings)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing pack at OUT")
+    p.add_argument("--batch", type=int, default=32, help="entries canonicalized together")
+    p.set_defaults(func=cmd_pack)
+
+    p = lib.add_parser("export", help="write one entry as a LoRA file")
+    p.add_argument("dir")
+    p.add_argument("id")
+    p.add_argument("out")
+    p.add_argument("--to", choices=("kohya", "diffusers"), default="kohya")
+    p.set_defaults(func=cmd_export)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _open(path: str):
+    from ..library import Library
+
+    return Library.open(path)
+
+
+def _show_progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def parse_attr(item: str) -> tuple[str, object]:
+    """``k=v`` -> (k, v); v is parsed as JSON when it can be (numbers, true/false), else kept as text."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise LorasynthError(f"expected K=V for --attr, got {item!r}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _layout_from_arg(arg: str):
+    from ..formats import load_lora
+    from ..layout import Layout
+
+    if arg == "w2w":
+        return Layout.w2w()
+    path = Path(arg)
+    if not path.is_file():
+        raise LorasynthError(f"--layout: {arg!r} is neither 'w2w' nor a file")
+    if path.suffix.lower() == ".json":
+        try:
+            return Layout.from_json(path.read_text())
+        except (OSError, ValueError) as e:
+            raise LorasynthError(f"--layout: cannot read {path}: {e}") from None
+    return Layout.from_lora(load_lora(path))
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_init(args) -> int:
+    from ..faces import EMBEDDER_NAMES
+    from ..library import Library
+
+    embedder = None if args.embedder.lower() == "none" else args.embedder.lower()
+    if embedder is not None and embedder not in EMBEDDER_NAMES:
+        raise LorasynthError(f"unknown embedder {args.embedder!r}; choose {', '.join(EMBEDDER_NAMES)} or none")
+    layout = _layout_from_arg(args.layout)
+    with Library.create(args.dir, args.base, layout, embedder) as lib:
+        print(f"created library {lib.root}: base {lib.base_model}, layout {layout.signature} "
+              f"({len(layout)} modules, {layout.size} values), embedder {embedder or 'none'}")
+    return 0
+
+
+def cmd_add(args) -> int:
+    import numpy as np
+
+    from ..formats import load_lora
+    from ..library.importers import KNOWN_DIMS, embed_photos, read_embedding_file
+
+    with _open(args.dir) as lib:
+        lora = load_lora(args.file)
+        name = args.name or Path(args.file).name.rsplit(".", 1)[0]
+        attrs = dict(parse_attr(a) for a in args.attr)
+        embeddings: dict[str, np.ndarray] = {}
+        if args.embedding or args.photo:
+            if not lib.embedder:
+                raise LibraryError("this library has no embedder; --embedding/--photo cannot be stored")
+            if args.embedding:
+                embeddings[lib.embedder] = read_embedding_file(args.embedding, KNOWN_DIMS.get(lib.embedder))
+            else:
+                from ..faces import get_embedder
+
+                embeddings[lib.embedder] = embed_photos(get_embedder(lib.embedder, args.model_root), args.photo)
+        result = lib.add(lora, name, source=args.source or str(Path(args.file).resolve()), attributes=attrs,
+                         embeddings=embeddings)
+    if result.duplicate:
+        print(f"already in the library as entry {result.id} ({result.name}); nothing added")
+    else:
+        emb = f", embedding [{', '.join(embeddings)}]" if embeddings else ""
+        print(f"added entry {result.id} ({result.name}){emb}")
+    return 0
+
+
+def _print_report(report, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({**report.to_dict(), "summary": report.summary()}, indent=2))
+    else:
+        for source, msg in report.errors:
+            print(f"error: {source}: {msg}", file=sys.stderr)
+        for note in report.notes:
+            print(f"note: {note}")
+        print(report.summary())
+    return 0 if report.ok else 1
+
+
+def cmd_import(args) -> int:
+    from ..library.importers import import_folder
+
+    with _open(args.dir) as lib:
+        report = import_folder(lib, args.folder, model_root=args.model_root, progress=_show_progress())
+    return _print_report(report, args.json)
+
+
+def cmd_import_w2w(args) -> int:
+    from ..library.importers import import_w2w
+
+    with _open(args.dir) as lib:
+        report = import_w2w(lib, args.w2w_dir, args.start, args.stop, trust_pickle=args.trust_pickle,
+                            identity_order=args.identity_order, batch_size=args.batch, progress=_show_progress())
+    return _print_report(report, False)
+
+
+def cmd_list(args) -> int:
+    with _open(args.dir) as lib:
+        entries = lib.list(limit=args.limit)
+        embs = lib.entry_embedders()
+    if args.json:
+        print(json.dumps([{**e.to_dict(), "embeddings": embs.get(e.id, [])} for e in entries], indent=2))
+        return 0
+    print(f"{'id':>6}  {'name':30s} {'rank':>4} {'alpha':>6}  {'embeddings':12s} source")
+    for e in entries:
+        print(f"{e.id:>6}  {e.name[:30]:30s} {e.rank:>4} {e.alpha:>6g}  {','.join(embs.get(e.id, [])) or '-':12s} {e.source}")
+    print(f"{len(entries)} entries")
+    return 0
+
+
+def cmd_show(args) -> int:
+    with _open(args.dir) as lib:
+        info = lib.info() if args.id is None else lib.show(args.id)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_remove(args) -> int:
+    with _open(args.dir) as lib:
+        entry = lib.remove(args.id)
+    print(f"removed entry {entry.id} ({entry.name})")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from ..library.importers import _progress
+
+    with _open(args.dir) as lib:
+        report = lib.verify(progress=(lambda rows: _progress(rows, True, len(rows), "verify", "blob"))
+                            if _show_progress() else None)
+        cleaned = lib.clean() if args.clean else None
+    if args.json:
+        out = report.to_dict()
+        if cleaned:
+            out["cleaned"] = {"orphans": cleaned[0], "temp_files": cleaned[1]}
+        print(json.dumps(out, indent=2))
+    else:
+        print("\n".join(report.lines()))
+        if cleaned:
+            print(f"removed {cleaned[0]} orphan blob(s) and {cleaned[1]} stale temp file(s)")
+    return 0 if report.ok else 1
+
+
+def cmd_pack(args) -> int:
+    from ..library.packing import pack_library
+
+    with _open(args.dir) as lib:
+        embedder = "" if (args.embedder or "").lower() == "none" else args.embedder
+        result = pack_library(lib, args.out, embedder=embedder, progress=_show_progress(),
+                              batch_size=args.batch, overwrite=args.overwrite)
+    print(result.summary())
+    return 0
+
+
+def cmd_export(args) -> int:
+    with _open(args.dir) as lib:
+        path = lib.export(args.id, args.out, args.to)
+    print(f"wrote {path} ({args.to})")
+    return 0

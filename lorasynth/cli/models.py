@@ -1,0 +1,273 @@
+"""``train vae|hypernet``, ``synthesize``, ``sample``, ``edit``, ``interpolate``, ``eval``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LorasynthError
+
+
+def _trainer_flags(p, steps: int, batch: int, lr: float) -> None:
+    g = p.add_argument_group("training (Lightning)")
+    g.add_argument("--steps", type=int, default=steps)
+    g.add_argument("--batch-size", type=int, default=batch)
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--devices", default="auto", help="Lightning devices (e.g. 1, 4, auto)")
+    g.add_argument("--accelerator", default="auto", help="cpu, gpu, auto")
+    g.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
+    g.add_argument("--num-nodes", type=int, default=1)
+    g.add_argument("--precision", default="32-true", help="e.g. 32-true, bf16-mixed")
+    g.add_argument("--resume", action="store_true", help="continue from the part's last.ckpt")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def _train_config(args):
+    from ..training import TrainConfig
+
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    return TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, devices=devices,
+                       accelerator=args.accelerator, strategy=args.strategy, num_nodes=args.num_nodes,
+                       precision=args.precision, progress=not args.no_progress)
+
+
+def _synthesis_flags(p) -> None:
+    p.add_argument("--model", required=True, help="model folder made by `lorasynth train`")
+    p.add_argument("--pack", default=None, help="override the pack path recorded in the model")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def register(sub) -> None:
+    train = sub.add_parser("train", help="train a synthesis model: vae (or pca), then hypernet")
+    tsub = train.add_subparsers(dest="train_command", metavar="PART")
+    train.set_defaults(func=lambda args: (train.print_help(), 2)[1])
+
+    p = tsub.add_parser("vae", help="train the latent model (LoRA-VAE, or --kind pca) on a pack or library")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pack", help="a pack folder (lorasynth library pack)")
+    src.add_argument("--library", help="a library folder (packed into MODEL/pack first)")
+    p.add_argument("--out", required=True, help="model folder to create (or --resume)")
+    p.add_argument("--kind", choices=["vae", "pca"], default="vae")
+    p.add_argument("--latent-dim", type=int, default=512)
+    p.add_argument("--holdout", type=float, default=0.1, help="fraction of identities kept out for `lorasynth eval`")
+    _trainer_flags(p, steps=3000, batch=64, lr=1e-3)
+    p.set_defaults(func=cmd_train_vae)
+
+    p = tsub.add_parser("hypernet", help="train the conditional diffusion hypernetwork on a model's latents")
+    p.add_argument("--model", required=True)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--prediction", choices=["x0", "v", "eps"], default=None)
+    _trainer_flags(p, steps=4000, batch=256, lr=1e-3)
+    p.set_defaults(func=cmd_train_hypernet)
+
+    p = sub.add_parser("synthesize", help="synthesize a LoRA from one face photo (no training)")
+    face = p.add_mutually_exclusive_group(required=True)
+    face.add_argument("--face", help="face photo")
+    face.add_argument("--embedding", help=".npy face embedding (float32, 1-D)")
+    _synthesis_flags(p)
+    p.add_argument("--strategy", choices=["diffusion", "blend", "nearest"], default="diffusion")
+    p.add_argument("--samples", type=int, default=1, help="how many LoRAs (diffusion): OUT gets _0, _1... suffixes")
+    p.add_argument("--k", type=int, default=8, help="blend: neighbours")
+    p.add_argument("--temperature", type=float, default=0.05, help="blend: softmax temperature")
+    p.add_argument("--face-index", type=int, default=None, help="which face (0 = largest)")
+    p.add_argument("--model-root", default=None, help="insightface model root (arcface models)")
+    p.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_synthesize)
+
+    p = sub.add_parser("sample", help="sample new identities (unconditional)")
+    _synthesis_flags(p)
+    p.add_argument("-n", type=int, default=4)
+    p.add_argument("-o", "--out-dir", required=True)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("edit", help="move a LoRA along a latent attribute direction (w2w-style regression)")
+    p.add_argument("lora")
+    p.add_argument("--model", required=True)
+    p.add_argument("--library", required=True, help="library whose entry attributes define the direction")
+    p.add_argument("--attribute", required=True)
+    p.add_argument("--strength", type=float, default=1.0, help="in standard deviations of the attribute score")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("interpolate", help="interpolate two LoRAs in the latent space")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--model", required=True)
+    p.add_argument("--t", type=float, default=0.5)
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_interpolate)
+
+    p = sub.add_parser("eval", help="held-out evaluation: delta-W cosine per strategy, latent reconstruction")
+    _synthesis_flags(p)
+    p.add_argument("--out", default=None, help="folder for eval.json and eval.png (default MODEL/eval)")
+    p.add_argument("--strategies", default="diffusion,blend,nearest")
+    p.add_argument("--max-items", type=int, default=None)
+    p.add_argument("--base", default=None, help="with --faces: identity similarity on generated images")
+    p.add_argument("--faces", default=None, help="folder of face photos for the identity metric")
+    p.set_defaults(func=cmd_eval)
+
+
+# ---------------------------------------------------------------------------- training
+
+def cmd_train_vae(args) -> int:
+    from ..model_training import train_latent
+    from ..pack import open_pack
+    from ..synthesis_model import MODEL_FILE, SynthesisModel
+
+    out = Path(args.out)
+    if args.resume and (out / MODEL_FILE).exists():
+        model = SynthesisModel.open(out)
+    else:
+        if args.library:
+            from ..library.packing import pack_library
+            from ..library.store import Library
+
+            pack_dir = out / "pack"
+            print(pack_library(Library.open(args.library), pack_dir, progress=not args.no_progress).summary())
+            pack = open_pack(pack_dir)
+        else:
+            pack = open_pack(args.pack)
+        model = SynthesisModel.create(out, pack, heldout_frac=args.holdout, seed=args.seed)
+    t0 = time.perf_counter()
+    latent = train_latent(model, args.kind, args.latent_dim, _train_config(args), resume=args.resume)
+    params = sum(p.numel() for p in latent.parameters()) if hasattr(latent, "parameters") else latent.latent_dim * latent.dim
+    print(f"trained {args.kind} (latent {latent.latent_dim}, {params:,} parameters) in {time.perf_counter() - t0:.1f}s "
+          f"-> {model.latent_dir}")
+    return 0
+
+
+def cmd_train_hypernet(args) -> int:
+    from ..model_training import train_hypernet
+    from ..synthesis_model import SynthesisModel
+
+    model = SynthesisModel.open(args.model)
+    overrides = {k: v for k, v in (("width", args.width), ("depth", args.depth), ("prediction", args.prediction)) if v}
+    t0 = time.perf_counter()
+    net = train_hypernet(model, _train_config(args), overrides, resume=args.resume)
+    params = sum(p.numel() for p in net.net.parameters())
+    print(f"trained hypernetwork ({params:,} parameters) in {time.perf_counter() - t0:.1f}s -> {model.hypernet_dir}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- synthesis
+
+def _settings(args, strategy: str):
+    from ..synthesis import SynthesisSettings
+
+    return SynthesisSettings(strategy=strategy, guidance=args.guidance, steps=args.steps, seed=args.seed,
+                             samples=getattr(args, "samples", 1), k=getattr(args, "k", 8),
+                             temperature=getattr(args, "temperature", 0.05))
+
+
+def _numbered(path: Path, i: int, n: int) -> Path:
+    return path if n == 1 else path.with_name(f"{path.stem}_{i}{path.suffix}")
+
+
+def cmd_synthesize(args) -> int:
+    from ..synthesis import Synthesizer, write_synthesized
+
+    syn = Synthesizer(args.model, pack=args.pack, model_root=args.model_root)
+    t0 = time.perf_counter()
+    if args.face:
+        embedding, selection = syn.embed_photo(args.face, args.face_index)
+        print(selection.describe())
+        source = Path(args.face).name
+    else:
+        try:
+            embedding = np.load(args.embedding, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise LorasynthError(f"cannot read embedding {args.embedding}: {e}") from None
+        source = Path(args.embedding).name
+    t1 = time.perf_counter()
+    results = syn.synthesize(embedding, _settings(args, args.strategy), source=source)
+    out = Path(args.output)
+    for i, r in enumerate(results):
+        path = write_synthesized(r, _numbered(out, i, len(results)), args.to)
+        print(f"wrote {path} ({args.strategy}, {len(r.lora)} modules)")
+    print(f"embedding {t1 - t0:.2f}s, synthesis+write {time.perf_counter() - t1:.2f}s")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from ..synthesis import Synthesizer, SynthesisSettings, write_synthesized
+
+    syn = Synthesizer(args.model, pack=args.pack)
+    s = SynthesisSettings(strategy="sample", guidance=args.guidance, steps=args.steps, seed=args.seed, samples=args.n)
+    out = Path(args.out_dir)
+    for i, r in enumerate(syn.synthesize(None, s)):
+        print(f"wrote {write_synthesized(r, out / f'sample_{args.seed}_{i}.safetensors')}")
+    return 0
+
+
+def _encode_lora(syn, path: str):
+    import torch
+
+    from ..formats import load_lora
+
+    vec = syn.layout.flatten(load_lora(path), canonical=True)
+    with torch.no_grad():
+        return syn.latent.encode(syn.latent.standardize(vec[None].numpy()))
+
+
+def _write_latent(syn, z, path: str, meta: dict) -> None:
+    import torch
+
+    from ..formats import save_lora
+
+    lora = syn.layout.unflatten(torch.from_numpy(syn.decode(z)[0]))
+    lora.metadata.update({k: str(v) for k, v in meta.items()})
+    print(f"wrote {save_lora(lora, path)}")
+
+
+def cmd_interpolate(args) -> int:
+    from ..synthesis import Synthesizer
+
+    syn = Synthesizer(args.model)
+    za, zb = _encode_lora(syn, args.a), _encode_lora(syn, args.b)
+    _write_latent(syn, (1 - args.t) * za + args.t * zb, args.output,
+                  {"lorasynth.interpolate": json.dumps([Path(args.a).name, Path(args.b).name, args.t])})
+    return 0
+
+
+def cmd_edit(args) -> int:
+    import torch
+
+    from ..editing import attribute_direction
+    from ..library.store import Library
+    from ..synthesis import Synthesizer
+
+    syn = Synthesizer(args.model)
+    direction, score_std = attribute_direction(syn, Library.open(args.library), args.attribute)
+    z = _encode_lora(syn, args.lora)
+    z2 = z + args.strength * score_std * torch.from_numpy(direction).float()[None]
+    _write_latent(syn, z2, args.output, {"lorasynth.edit": json.dumps([args.attribute, args.strength])})
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ..evaluate import evaluate, identity_similarity, save_report
+    from ..synthesis import Synthesizer
+
+    syn = Synthesizer(args.model, pack=args.pack)
+    strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+    results = evaluate(syn, strategies, args.max_items, _settings(args, "diffusion"))
+    if args.faces:
+        if not args.base:
+            raise LorasynthError("--faces needs --base (the SD pipeline to generate with)")
+        results["identity_similarity"] = identity_similarity(syn, args.base, args.faces, strategies)
+    json_path, png = save_report(results, args.out or Path(args.model) / "eval")
+    for name, r in results["strategies"].items():
+        print(f"{name:10s} held-out delta-W cosine {r['delta_cosine_mean']:.4f}  relative error {r['relative_error_mean']:.4f}")
+    lat = results["latent"]
+    print(f"latent {lat['kind']} reconstruction cosine {lat['reconstruction_delta_cosine']:.4f}"
+          + (f" (PCA at k={lat['pca_latent_dim']}: {lat['pca_reconstruction_delta_cosine']:.4f})" if "pca_latent_dim" in lat else ""))
+    print(f"wrote {json_path} and {png}")
+    return 0

@@ -1,0 +1,80 @@
+"""Train a synthesis model's parts: the latent model (VAE or PCA) and the hypernetwork.
+
+Both read the memory-mapped pack (bounded RAM) and train with Lightning (see
+:mod:`lorasynth.training`: checkpoint/resume, progress bar, loss-curve PNG, and
+``devices``/``strategy``/``num_nodes`` passed straight to Lightning for DDP on GPUs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import ModelError
+from .synthesis_model import SynthesisModel
+from .training import TrainConfig
+
+
+@torch.no_grad()
+def encode_rows(latent, pack, idx, batch_size: int = 256) -> torch.Tensor:
+    """Latent codes (VAE means / PCA coefficients) of pack rows ``idx``, streamed in batches."""
+    if hasattr(latent, "eval"):
+        latent.eval()
+    out = []
+    idx = np.asarray(idx)
+    for start in range(0, len(idx), batch_size):
+        raw = pack.read_rows(idx[start : start + batch_size])
+        out.append(latent.encode(latent.standardize(raw)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, latent.latent_dim)
+
+
+def train_latent(model: SynthesisModel, kind: str = "vae", latent_dim: int = 512, train_cfg: TrainConfig | None = None,
+                 vae_overrides: dict | None = None, resume: bool = False):
+    """Fit the latent model on the model's training rows and export it to ``MODEL/latent``."""
+    pack = model.open_pack()
+    train_idx = np.asarray(model.info.train_ids)
+    if kind == "pca":
+        from .latent.pca import fit_pca
+
+        k = min(latent_dim, len(train_idx) - 1, pack.dim)
+        latent = fit_pca(pack, k, idx=train_idx)
+    elif kind == "vae":
+        from .latent.vae import VAEConfig, train_vae
+
+        cfg = VAEConfig(latent_dim=latent_dim, **(vae_overrides or {}))
+        val = np.asarray(model.info.heldout_ids) if model.info.heldout_ids else None
+        latent = train_vae(pack, model.train_dir("vae"), cfg, train_cfg or TrainConfig(), train_idx=train_idx,
+                           val_idx=val, resume=resume)
+    else:
+        raise ModelError(f"unknown latent model kind {kind!r}; use vae or pca")
+    latent.export(model.latent_dir)
+    model.info.latent_kind = kind
+    model.info.has_hypernet = False  # a new latent space invalidates a hypernetwork trained on the old one
+    model.save()
+    return latent
+
+
+def train_hypernet(model: SynthesisModel, train_cfg: TrainConfig | None = None, overrides: dict | None = None,
+                   resume: bool = False):
+    """Encode the training rows with the latent model, train the conditional diffusion, export it."""
+    from .hypernet.diffusion import HypernetDiffusion, latent_dataloader
+    from .hypernet.model import HypernetConfig
+    from .training import fit
+
+    pack = model.open_pack()
+    if pack.embed_dim == 0:
+        raise ModelError(f"pack {pack.path} has no face embeddings: the hypernetwork needs them as conditions")
+    latent = model.load_latent()
+    train_idx = np.asarray(model.info.train_ids)
+    z = encode_rows(latent, pack, train_idx)
+    cond = torch.from_numpy(pack.read_embeddings(train_idx)).float()
+    cfg = train_cfg or TrainConfig()
+    net = HypernetDiffusion.for_data(z, cond, HypernetConfig(**(overrides or {})), lr=cfg.lr)
+    loader = latent_dataloader(z, cond, batch_size=cfg.batch_size, seed=cfg.seed)
+    fit(net, loader, model.train_dir("hypernet"), cfg, resume=resume)
+    net.eval().export(model.hypernet_dir)
+    model.info.has_hypernet = True
+    model.save()
+    return net

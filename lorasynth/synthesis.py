@@ -1,0 +1,215 @@
+"""Synthesize a LoRA from one face: four strategies behind one interface.
+
+* ``diffusion`` (default, the paper's method): the hypernetwork samples a latent
+  conditioned on the face embedding with classifier-free guidance; the latent model
+  decodes it into a LoRA. No training at synthesis time.
+* ``blend``: the linear-combination baseline: softmax over cosine similarity of the top-k
+  library embeddings, exact weighted sum of those LoRAs' updates.
+* ``nearest``: the library LoRA whose embedding is most similar.
+* ``sample``: a new identity, unconditional (hypernetwork without condition).
+
+Library lookups use the model's training rows of its pack (held-out rows never leak in).
+Outputs are kohya ``.safetensors`` files with provenance metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .blend import blend as blend_loras
+from .errors import LorasynthError, ModelError
+from .formats import save_lora
+from .lora import LoRA
+from .synthesis_model import SynthesisModel
+
+STRATEGIES = ("diffusion", "blend", "nearest", "sample")
+
+
+@dataclass
+class SynthesisSettings:
+    strategy: str = "diffusion"
+    guidance: float | None = None  # None: the hypernetwork's recorded default
+    steps: int | None = None
+    seed: int = 0
+    samples: int = 1
+    k: int = 8  # blend: neighbours
+    temperature: float = 0.05  # blend: softmax temperature on cosine similarity
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise LorasynthError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.samples < 1 or self.k < 1 or self.temperature <= 0:
+            raise LorasynthError("samples and k must be >= 1 and temperature > 0")
+
+
+@dataclass
+class Synthesized:
+    lora: LoRA
+    provenance: dict[str, str]
+    vector: np.ndarray | None = None  # flat canonical vector when the strategy yields one
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Synthesizer:
+    """Loads a model folder once; synthesizes many LoRAs fast (warm)."""
+
+    def __init__(self, model_dir: str | Path, pack: str | Path | None = None, model_root: str | None = None):
+        self.model = SynthesisModel.open(model_dir)
+        self.layout = self.model.layout
+        self._pack_override = pack
+        self._model_root = model_root
+        self._pack = self._latent = self._hypernet = self._embedder = None
+        self._lib_emb = None
+        self._hash = None
+
+    # ---------------------------------------------------------------- lazy parts
+    @property
+    def pack(self):
+        if self._pack is None:
+            self._pack = self.model.open_pack(self._pack_override)
+        return self._pack
+
+    @property
+    def latent(self):
+        if self._latent is None:
+            self._latent = self.model.load_latent()
+        return self._latent
+
+    @property
+    def hypernet(self):
+        if self._hypernet is None:
+            self._hypernet = self.model.load_hypernet()
+        return self._hypernet
+
+    @property
+    def model_hash(self) -> str:
+        if self._hash is None:
+            self._hash = self.model.model_hash()
+        return self._hash
+
+    @property
+    def train_rows(self) -> np.ndarray:
+        return np.asarray(self.model.info.train_ids)
+
+    def library_embeddings(self) -> np.ndarray:
+        """Unit-normalized embeddings of the training rows (cached)."""
+        if self._lib_emb is None:
+            e = self.pack.read_embeddings(self.train_rows).astype(np.float32)
+            self._lib_emb = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        return self._lib_emb
+
+    # ---------------------------------------------------------------- faces
+    def embed_photo(self, photo, face_index: int | None = None):
+        """``(embedding, FaceSelection)`` with the model's embedder."""
+        from .faces import get_embedder
+
+        name = self.model.info.embedder
+        if name not in ("dlib", "arcface"):
+            raise ModelError(f"this model was trained on '{name}' embeddings; it cannot embed photos (use --embedding)")
+        selection = get_embedder(name, model_root=self._model_root).embed_with_report(photo, face_index=face_index)
+        return selection.face.embedding.astype(np.float32), selection
+
+    def check_embedding(self, embedding) -> np.ndarray:
+        e = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        if e.shape[0] != self.model.info.embed_dim:
+            raise LorasynthError(f"embedding has {e.shape[0]} dims, the model expects {self.model.info.embed_dim} "
+                                 f"({self.model.info.embedder})")
+        if not np.isfinite(e).all():
+            raise LorasynthError("embedding has NaN/Inf values")
+        return e / max(float(np.linalg.norm(e)), 1e-12)
+
+    # ---------------------------------------------------------------- strategies on vectors
+    def neighbours(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k pack rows and cosine similarities for each embedding row (B, E)."""
+        sims = np.atleast_2d(embeddings) @ self.library_embeddings().T
+        k = min(k, sims.shape[1])
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(sims, top, axis=1).argsort(axis=1)[:, ::-1]
+        top = np.take_along_axis(top, order, axis=1)
+        return self.train_rows[top], np.take_along_axis(sims, top, axis=1)
+
+    def blend_weights(self, sims: np.ndarray, temperature: float) -> np.ndarray:
+        logits = sims / temperature
+        w = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return w / w.sum(axis=-1, keepdims=True)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> np.ndarray:
+        """Latents -> raw flat canonical LoRA vectors."""
+        return self.latent.destandardize(self.latent.decode(z)).float().cpu().numpy()
+
+    @torch.no_grad()
+    def diffusion_latents(self, embeddings: np.ndarray | None, settings: SynthesisSettings) -> torch.Tensor:
+        cond = None if embeddings is None else torch.from_numpy(np.atleast_2d(embeddings)).float()
+        return self.hypernet.sample(cond, num_steps=settings.steps, guidance=settings.guidance, seed=settings.seed,
+                                    n_samples=settings.samples)
+
+    # ---------------------------------------------------------------- main entry
+    def synthesize(self, embedding=None, settings: SynthesisSettings | None = None, source: str = "") -> list[Synthesized]:
+        """LoRAs for one face embedding (or new identities with strategy ``sample``)."""
+        s = settings or SynthesisSettings()
+        s.validate()
+        prov = {
+            "lorasynth.version": __version__,
+            "lorasynth.strategy": s.strategy,
+            "lorasynth.embedder": self.model.info.embedder,
+            "lorasynth.model_hash": self.model_hash,
+            "lorasynth.layout": self.layout.signature,
+            "lorasynth.seed": str(s.seed),
+        }
+        if source:
+            prov["lorasynth.source"] = source
+        t0 = time.perf_counter()
+        if s.strategy == "sample":
+            z = self.diffusion_latents(None, s)
+            prov["lorasynth.guidance"] = "unconditional"
+            return self._from_latents(z, prov, t0)
+        if embedding is None:
+            raise LorasynthError(f"strategy {s.strategy} needs a face photo or embedding")
+        e = self.check_embedding(embedding)
+        if s.strategy == "diffusion":
+            z = self.diffusion_latents(e, s)
+            g = s.guidance if s.guidance is not None else self.hypernet.sampling_defaults.get("guidance")
+            prov["lorasynth.guidance"] = str(g)
+            prov["lorasynth.steps"] = str(s.steps or self.hypernet.sampling_defaults.get("num_steps"))
+            return self._from_latents(z, prov, t0)
+        rows, sims = self.neighbours(e, 1 if s.strategy == "nearest" else s.k)
+        rows, sims = rows[0], sims[0]
+        if s.strategy == "nearest":
+            vec = self.pack.read_rows(rows[:1])[0]
+            prov["lorasynth.neighbours"] = json.dumps({"ids": [self.pack.ids[rows[0]]], "cosine": [float(sims[0])]})
+            lora = self.layout.unflatten(torch.from_numpy(vec))
+            lora.metadata.update(prov)
+            return [Synthesized(lora, prov, vec, {"sampling_s": time.perf_counter() - t0})]
+        weights = self.blend_weights(sims, s.temperature)
+        vecs = self.pack.read_rows(rows)
+        loras = [self.layout.unflatten(torch.from_numpy(v)) for v in vecs]
+        lora, _ = blend_loras(loras, weights.tolist())
+        prov["lorasynth.neighbours"] = json.dumps(
+            {"ids": [self.pack.ids[r] for r in rows], "cosine": sims.round(4).tolist(), "weights": weights.round(4).tolist()})
+        lora.metadata.update(prov)
+        return [Synthesized(lora, prov, None, {"sampling_s": time.perf_counter() - t0})]
+
+    def _from_latents(self, z: torch.Tensor, prov: dict, t0: float) -> list[Synthesized]:
+        t1 = time.perf_counter()
+        vecs = self.decode(z)
+        t2 = time.perf_counter()
+        out = []
+        for i, v in enumerate(vecs):
+            lora = self.layout.unflatten(torch.from_numpy(v))
+            meta = dict(prov, **{"lorasynth.sample_index": str(i)})
+            lora.metadata.update(meta)
+            out.append(Synthesized(lora, meta, v, {"sampling_s": t1 - t0, "decoding_s": t2 - t1}))
+        return out
+
+
+def write_synthesized(result: Synthesized, path: str | Path, fmt: str = "kohya") -> Path:
+    """Write a synthesized LoRA (kohya by default) with its provenance metadata."""
+    return save_lora(result.lora, path, fmt)

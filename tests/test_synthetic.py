@@ -1,0 +1,127 @@
+"""The planted synthetic world: determinism, validity, and that it is hard in the intended way."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lorasynth.lora import LoRA
+from lorasynth.synthetic import (
+    SyntheticWorldConfig,
+    delta_cosine,
+    make_world,
+    tiny_layout,
+    train_test_split,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small matmuls: one thread avoids oversubscription when test processes share 2 cores."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world(SyntheticWorldConfig(n_identities=600, layout=tiny_layout(), seed=3))
+
+
+def test_tiny_layout_matches_the_tiny_unet():
+    layout = tiny_layout()
+    assert len(layout) == 12
+    assert layout.size == 12 * (32 + 32)
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" in layout.names
+    assert "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_v" in layout.names
+    assert all(m.rank == 1 for m in layout.modules)
+
+
+def test_world_is_deterministic_per_seed(world):
+    again = make_world(SyntheticWorldConfig(n_identities=600, layout=tiny_layout(), seed=3))
+    other = make_world(SyntheticWorldConfig(n_identities=600, layout=tiny_layout(), seed=4))
+    idx = [0, 17, 599]
+    np.testing.assert_array_equal(world.factors, again.factors)
+    np.testing.assert_array_equal(world.embeddings, again.embeddings)
+    np.testing.assert_array_equal(world.vectors(idx), again.vectors(idx))
+    assert not np.allclose(world.vectors(idx), other.vectors(idx))
+    # rows do not depend on batching or on N
+    np.testing.assert_array_equal(world.vectors(idx)[1], world.vector(17))
+    smaller = make_world(SyntheticWorldConfig(n_identities=40, layout=tiny_layout(), seed=3))
+    np.testing.assert_array_equal(smaller.vector(17), world.vector(17))
+    np.testing.assert_allclose(smaller.embeddings[17], world.embeddings[17], atol=1e-6)
+
+
+def test_embeddings_are_unit_norm_float32(world):
+    e = world.embeddings
+    assert e.shape == (600, 128) and e.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    # different identities are distinguishable: far from all-identical embeddings
+    assert (e[:100] @ e[:100].T)[~np.eye(100, dtype=bool)].mean() < 0.5
+
+
+def test_vectors_unflatten_to_valid_canonical_loras(world):
+    layout = world.layout
+    v = world.vectors(np.arange(5))
+    assert v.shape == (5, layout.size) and v.dtype == np.float32 and np.isfinite(v).all()
+    lora = world.lora(2)
+    assert isinstance(lora, LoRA)
+    layout.check(lora)
+    lora.check_finite()
+    # already canonical: flattening the LoRA again gives the same vector
+    again = layout.flatten(lora, canonical=True)
+    torch.testing.assert_close(again, torch.from_numpy(v[2]), atol=1e-5, rtol=1e-5)
+
+
+def test_delta_cosine_matches_explicit_delta_w(world):
+    layout = world.layout
+    a, b = world.lora(1), world.lora(2)
+    flat_a = torch.cat([a.modules[n].delta().reshape(-1) for n in layout.names]).double()
+    flat_b = torch.cat([b.modules[n].delta().reshape(-1) for n in layout.names]).double()
+    expected = torch.nn.functional.cosine_similarity(flat_a, flat_b, dim=0)
+    got = delta_cosine(layout, world.vector(1), world.vector(2))
+    assert got.shape == (1,)
+    assert abs(float(got[0]) - float(expected)) < 1e-6
+    assert abs(float(delta_cosine(layout, world.vector(1), world.vector(1))[0]) - 1.0) < 1e-9
+
+
+def test_train_test_split():
+    tr, te = train_test_split(100, 0.2, seed=1)
+    assert len(te) == 20 and len(tr) == 80
+    assert set(tr).isdisjoint(te) and set(tr) | set(te) == set(range(100))
+    assert (np.diff(tr) > 0).all() and (np.diff(te) > 0).all()
+    tr2, te2 = train_test_split(100, 0.2, seed=1)
+    np.testing.assert_array_equal(te, te2)
+    assert not np.array_equal(te, train_test_split(100, 0.2, seed=2)[1])
+    assert len(train_test_split(2, 0.01)[1]) == 1
+    with pytest.raises(ValueError):
+        train_test_split(10, 1.5)
+
+
+def test_mean_lora_is_poor_and_a_learned_model_beats_neighbours(world):
+    """The world's purpose: mean << nearest/blend < a learned conditional model."""
+    layout = world.layout
+    tr, te = train_test_split(world.n, 0.2, seed=0)
+    v = world.vectors(np.arange(world.n))
+    e = world.embeddings.astype(np.float64)
+    truth = v[te]
+    mean_cos = delta_cosine(layout, truth, v[tr].mean(0)).mean().item()
+    sim = e[te] @ e[tr].T
+    nn_cos = delta_cosine(layout, truth, v[tr][sim.argmax(1)]).mean().item()
+    blend_cos = 0.0
+    for tau in (0.02, 0.05, 0.1):
+        w = np.exp((sim - sim.max(1, keepdims=True)) / tau)
+        w /= w.sum(1, keepdims=True)
+        blend_cos = max(blend_cos, delta_cosine(layout, truth, w @ v[tr]).mean().item())
+    # a learned model: RBF kernel ridge regression embedding -> standardised vector
+    mu, sd = v[tr].mean(0), v[tr].std(0)
+    kernel = np.exp(-2.0 * (2 - 2 * e[tr] @ e[tr].T))
+    coef = np.linalg.solve(kernel + 1e-2 * np.eye(len(tr)), (v[tr] - mu) / sd)
+    pred = np.exp(-2.0 * (2 - 2 * sim)) @ coef * sd + mu
+    learned_cos = delta_cosine(layout, truth, pred).mean().item()
+    assert mean_cos < 0.55, mean_cos
+    assert nn_cos > mean_cos + 0.2, (nn_cos, mean_cos)
+    assert blend_cos > nn_cos
+    assert learned_cos > blend_cos + 0.02, (learned_cos, blend_cos)
