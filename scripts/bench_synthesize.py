@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Benchmark synthesis latency and model training throughput on the w2w layout; prints JSON.
+
+* Warm synthesis latency, photo -> LoRA file, for the w2w layout (99,648 values) with a
+  512-d latent, split into embedding (dlib, the astronaut photo) / sampling (hypernetwork,
+  CFG) / decoding (VAE) / writing (kohya safetensors). Speed does not depend on weight
+  values, so the VAE and hypernetwork have default configs and untrained weights.
+* VAE and hypernetwork training throughput (items/s) and peak RSS (VmHWM of a child
+  process) on an N-entry (default 20,000) w2w-shaped pack written from the planted world.
+
+    python scripts/bench_synthesize.py --quick     # 2,000-entry pack, fewer repeats
+    python scripts/bench_synthesize.py             # 20,000-entry pack (8 GB on disk)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def write_pack(path: Path, n: int) -> float:
+    from lorasynth.layout import Layout
+    from lorasynth.pack import PackWriter
+    from lorasynth.synthetic import SyntheticWorldConfig, make_world
+
+    t0 = time.perf_counter()
+    world = make_world(SyntheticWorldConfig(n, Layout.w2w(), embed_dim=128, seed=0))
+    with PackWriter(path, world.layout, n, 128, embedder="dlib") as w:
+        for vectors, embeddings, ids in world.iter_batches(batch_size=256):
+            w.add_batch(vectors, embeddings, ids)
+    return time.perf_counter() - t0
+
+
+def make_model(pack_dir: Path, model_dir: Path) -> None:
+    """A model folder with default-config, untrained VAE (latent 512) and hypernetwork."""
+    from lorasynth.hypernet.diffusion import HypernetDiffusion
+    from lorasynth.hypernet.model import HypernetConfig
+    from lorasynth.latent.vae import LoRAVAE, VAEConfig
+    from lorasynth.pack import open_pack
+    from lorasynth.synthesis_model import SynthesisModel
+
+    pack = open_pack(pack_dir)
+    model = SynthesisModel.create(model_dir, pack, heldout_frac=0.0)
+    vae = LoRAVAE(VAEConfig(latent_dim=512), pack.dim, mean=pack.mean, scale=pack.scale,
+                  layout_signature=pack.layout.signature)
+    vae.eval().export(model.latent_dir)
+    z, c = torch.randn(64, 512), torch.nn.functional.normalize(torch.randn(64, 128), dim=1)
+    HypernetDiffusion.for_data(z, c, HypernetConfig()).eval().export(model.hypernet_dir)
+    model.info.latent_kind, model.info.has_hypernet = "vae", True
+    model.save()
+
+
+def bench_latency(model_dir: Path, repeats: int) -> dict:
+    from PIL import Image
+    from skimage import data
+
+    from lorasynth.synthesis import SynthesisSettings, Synthesizer, write_synthesized
+
+    tmp = Path(tempfile.mkdtemp())
+    photo = tmp / "astronaut.jpg"
+    Image.fromarray(data.astronaut()).save(photo)
+    syn = Synthesizer(model_dir)
+    syn.embed_photo(photo)  # warm: load dlib models
+    syn.synthesize(np.ones(128, dtype=np.float32), SynthesisSettings())  # warm: load VAE + hypernet
+    rows = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        e, _ = syn.embed_photo(photo)
+        t1 = time.perf_counter()
+        s = SynthesisSettings(seed=i)
+        z = syn.diffusion_latents(syn.check_embedding(e), s)
+        t2 = time.perf_counter()
+        vec = syn.decode(z)[0]
+        t3 = time.perf_counter()
+        result = syn.synthesize(e, s)[0]  # (re-run so the written file carries real provenance)
+        t4 = time.perf_counter()
+        write_synthesized(result, tmp / "out.safetensors")
+        t5 = time.perf_counter()
+        rows.append({"embedding_s": t1 - t0, "sampling_s": t2 - t1, "decoding_s": t3 - t2, "writing_s": t5 - t4,
+                     "total_s": (t1 - t0) + (t2 - t1) + (t3 - t2) + (t5 - t4)})
+        assert vec.shape[0] == syn.layout.size
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    d = syn.hypernet.sampling_defaults
+    return {"repeats": repeats, "median": med, "goal_total_s": 0.3, "meets_goal": med["total_s"] <= 0.3,
+            "sampler": d, "vae_params": sum(p.numel() for p in syn.latent.parameters()),
+            "hypernet_params": sum(p.numel() for p in syn.hypernet.net.parameters()),
+            "file_mb": round((tmp / "out.safetensors").stat().st_size / 2**20, 3)}
+
+
+def child_train(part: str, pack_dir: str, steps: int) -> None:
+    """Runs in a child process: train ``part`` for ``steps`` steps, print items/s and peak RSS."""
+    import lightning
+
+    from lorasynth.hypernet.diffusion import HypernetDiffusion, latent_dataloader
+    from lorasynth.hypernet.model import HypernetConfig
+    from lorasynth.latent.vae import VAEConfig, train_vae
+    from lorasynth.pack import open_pack
+    from lorasynth.training import TrainConfig, fit
+
+    pack = open_pack(pack_dir)
+    out = Path(tempfile.mkdtemp())
+    if part == "vae":
+        cfg = TrainConfig(max_steps=steps, batch_size=64, progress=False, ckpt_every=10**9)
+        # one warm-up run so the timed one excludes first-call costs
+        t0 = time.perf_counter()
+        train_vae(pack, out, VAEConfig(latent_dim=512), cfg)
+        dt = time.perf_counter() - t0
+        items = steps * cfg.batch_size
+    else:
+        z = torch.randn(pack.n, 512)
+        c = torch.from_numpy(pack.read_embeddings(np.arange(pack.n))).float()
+        cfg = TrainConfig(max_steps=steps, batch_size=256, progress=False, ckpt_every=10**9)
+        net = HypernetDiffusion.for_data(z, c, HypernetConfig())
+        t0 = time.perf_counter()
+        fit(net, latent_dataloader(z, c, batch_size=cfg.batch_size), out, cfg)
+        dt = time.perf_counter() - t0
+        items = steps * cfg.batch_size
+    print(json.dumps({"part": part, "steps": steps, "seconds": dt, "items_per_s": items / dt,
+                      "peak_rss_mb": peak_rss_mb()}))
+
+
+def bench_training(pack_dir: Path, vae_steps: int, hyp_steps: int) -> dict:
+    out = {}
+    for part, steps in (("vae", vae_steps), ("hypernet", hyp_steps)):
+        r = subprocess.run([sys.executable, __file__, "--child", part, str(pack_dir), str(steps)],
+                           capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+        if r.returncode != 0 or not lines:
+            out[part] = {"error": r.stderr[-2000:]}
+        else:
+            out[part] = json.loads(lines[-1])
+    out["goal_peak_rss_mb"] = 4096
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--entries", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--child", nargs=3, metavar=("PART", "PACK", "STEPS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child_train(args.child[0], args.child[1], int(args.child[2]))
+        return
+    n = args.entries or (2000 if args.quick else 20000)
+    repeats = args.repeats or (5 if args.quick else 20)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("LORASYNTH_BENCH_DIR")) as tmp:
+        tmp = Path(tmp)
+        pack_s = write_pack(tmp / "pack", n)
+        make_model(tmp / "pack", tmp / "model")
+        result = {
+            "benchmark": "synthesize",
+            "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+            "layout": "w2w (64 modules, 99,648 values)", "latent_dim": 512,
+            "pack": {"entries": n, "write_s": pack_s,
+                     "gb": round(sum(f.stat().st_size for f in (tmp / "pack").iterdir()) / 2**30, 2)},
+            "latency": bench_latency(tmp / "model", repeats),
+            "training": bench_training(tmp / "pack", 20 if args.quick else 50, 50 if args.quick else 200),
+        }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
