@@ -25,7 +25,6 @@ parallel update (Welford for batches), in one pass.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile

@@ -173,7 +173,9 @@ class SyntheticWorld:
         if idx.size and (idx.min() < 0 or idx.max() >= self.n):
             raise IndexError(f"identity index out of range 0..{self.n - 1}")
         codes = self.codes(idx)
-        noise = np.stack([_rng(self.config.seed, _NOISE, i).standard_normal(self.dim) for i in idx]) if len(idx) else np.zeros((0, self.dim))
+        noise = np.empty((len(idx), self.dim), dtype=np.float32)
+        for row, i in enumerate(idx):
+            noise[row] = _rng(self.config.seed, _NOISE, i).standard_normal(self.dim, dtype=np.float32)
         out = np.empty((len(idx), self.dim), dtype=np.float32)
         pos = 0
         for m, (spec, maps) in enumerate(zip(self.layout.modules, self._modules)):
@@ -329,7 +331,7 @@ def delta_cosine(layout: Layout, x, y) -> torch.Tensor:
 
 
 def write_world_pack(world: SyntheticWorld, out_dir: str | Path, idx: Sequence[int] | None = None,
-                     batch_size: int = 256, overwrite: bool = False) -> Path:
+                     batch_size: int = 128, overwrite: bool = False) -> Path:
     """Write identities ``idx`` (all by default) of ``world`` as a pack (see :mod:`lorasynth.pack`)."""
     from .pack import PackWriter
 

@@ -20,8 +20,10 @@ by orders of magnitude (a 2,000-entry test world vs the 65k w2w identities).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -209,7 +211,9 @@ def make_trainer(
         LossCurveCallback(out / LOSS_CURVE),
     ]
     if cfg.progress:
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.log_every)))
+        # in a log file (not a terminal) every refresh is a new line: about 20 per run
+        refresh = cfg.log_every if sys.stderr.isatty() else max(cfg.log_every, cfg.max_steps // 20)
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, refresh)))
     callbacks.extend(extra_callbacks)
     val_kwargs: dict[str, Any] = {}
     if cfg.val_every:
@@ -256,7 +260,9 @@ def fit(
         if ckpt_path is None:
             raise ModelError(f"cannot resume: no {CHECKPOINT_DIR}/{LAST_CHECKPOINT} in {out_dir}")
     trainer = make_trainer(out_dir, cfg, extra_callbacks)
-    kwargs: dict[str, Any] = dict(ckpt_path=ckpt_path, weights_only=True)
+    kwargs: dict[str, Any] = dict(ckpt_path=ckpt_path)
+    if "weights_only" in inspect.signature(trainer.fit).parameters:  # Lightning >= 2.5
+        kwargs["weights_only"] = True  # our checkpoints hold plain values only: never unpickle code
     if isinstance(data, lightning.LightningDataModule):
         trainer.fit(module, datamodule=data, **kwargs)
     elif isinstance(data, (tuple, list)):
@@ -266,6 +272,18 @@ def fit(
     else:
         trainer.fit(module, train_dataloaders=data, **kwargs)
     return trainer
+
+
+def long_epoch_sampler(n: int, cfg: TrainConfig) -> torch.utils.data.RandomSampler:
+    """Shuffled passes over ``n`` items chained into one epoch covering all ``max_steps``.
+
+    Lightning pays a fixed cost per epoch (loader reset, progress bar, validation); on a
+    small library an epoch is a handful of steps, so that cost dominated training on CPU.
+    Chaining reshuffled permutations keeps every item's frequency even, as epochs would.
+    """
+    total = max(n, (cfg.max_steps + 1) * cfg.batch_size)
+    return torch.utils.data.RandomSampler(range(n), replacement=False, num_samples=total,
+                                          generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def cosine_warmup_lr(step: int, warmup: int, total: int, floor: float = 0.05) -> float:

@@ -21,7 +21,6 @@ signature, explained variance); loading never unpickles.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Callable
