@@ -7,7 +7,7 @@ Both read the memory-mapped pack (bounded RAM) and train with Lightning (see
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 import numpy as np
 import torch
@@ -59,9 +59,11 @@ def train_latent(model: SynthesisModel, kind: str = "vae", latent_dim: int = 512
 def train_hypernet(model: SynthesisModel, train_cfg: TrainConfig | None = None, overrides: dict | None = None,
                    resume: bool = False):
     """Encode the training rows with the latent model, train the conditional diffusion, export it."""
-    from .hypernet.diffusion import HypernetDiffusion, latent_dataloader
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from .hypernet.diffusion import HypernetDiffusion
     from .hypernet.model import HypernetConfig
-    from .training import fit
+    from .training import fit, long_epoch_sampler
 
     pack = model.open_pack()
     if pack.embed_dim == 0:
@@ -72,7 +74,9 @@ def train_hypernet(model: SynthesisModel, train_cfg: TrainConfig | None = None, 
     cond = torch.from_numpy(pack.read_embeddings(train_idx)).float()
     cfg = train_cfg or TrainConfig()
     net = HypernetDiffusion.for_data(z, cond, HypernetConfig(**(overrides or {})), lr=cfg.lr)
-    loader = latent_dataloader(z, cond, batch_size=cfg.batch_size, seed=cfg.seed)
+    batch = min(cfg.batch_size, len(z))
+    loader = DataLoader(TensorDataset(z, cond), batch_size=batch, drop_last=True,
+                        sampler=long_epoch_sampler(len(z), dataclasses.replace(cfg, batch_size=batch)))
     fit(net, loader, model.train_dir("hypernet"), cfg, resume=resume)
     net.eval().export(model.hypernet_dir)
     model.info.has_hypernet = True
