@@ -19,7 +19,9 @@ def cmd_demo(args) -> int:
 
     from ..demo import SMOKE, DemoConfig, run_demo
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # one thread: the demo's models are small, and two threads collapse (10x slower) as soon as
+    # anything else runs on a 2-core machine; one thread keeps the run time predictable.
+    torch.set_num_threads(1)
     cfg = SMOKE if args.smoke else DemoConfig()
     if args.identities:
         cfg = dataclasses.replace(cfg, identities=args.identities)

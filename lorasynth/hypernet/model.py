@@ -48,9 +48,9 @@ class HypernetConfig:
     latent_dim: int = 512
     cond_dim: int = 128
     width: int = 512
-    depth: int = 4
+    depth: int = 3
     mlp_ratio: float = 2.0
-    emb_dim: int = 256
+    emb_dim: int = 128
     prediction: str = "x0"
     cond_dropout: float = 0.1
     num_train_timesteps: int = 1000
