@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 
 from .errors import LayoutError
@@ -212,3 +213,15 @@ def delta_inner(layout: Layout, x, y) -> torch.Tensor:
     for (bx, ax), (by, ay) in zip(_module_factor_views(layout, x), _module_factor_views(layout, y)):
         total += ((bx.transpose(1, 2) @ by) * (ax @ ay.transpose(1, 2))).sum(dim=(1, 2))
     return total
+
+
+def delta_cosine(layout: Layout, x, y) -> torch.Tensor:
+    """Cosine between the concatenated ``delta W`` of all modules of flat vectors ``x`` and ``y``.
+
+    Rows broadcast (e.g. many rows against one mean vector); factors have scale 1 as in
+    :func:`delta_inner`. Returns float64 ``(n,)``.
+    """
+    x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x, dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(y) if not torch.is_tensor(y) else y, dtype=torch.float64)
+    xy, xx, yy = delta_inner(layout, x, y), delta_inner(layout, x, x), delta_inner(layout, y, y)
+    return xy / (torch.sqrt(xx.clamp_min(0) * yy.clamp_min(0)) + 1e-30)

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .layout import W2W_TARGETS, Layout
+from .layout import W2W_TARGETS, Layout, delta_cosine  # noqa: F401  (delta_cosine re-exported)
 from .lora import LoRA
 
 #: The miniature SD1.5 UNet (``lorasynth.tiny``, size "tiny") cross-attention blocks a
@@ -295,39 +295,7 @@ def train_test_split(n: int, test_frac: float, seed: int = 0) -> tuple[np.ndarra
 # --------------------------------------------------------------------------- delta-W geometry
 
 
-def _module_factors(layout: Layout, v: torch.Tensor):
-    """Yield ``(B (n,out,r), A (n,r,in))`` per module of batched flat vectors ``v (n, D)``."""
-    pos = 0
-    for spec in layout.modules:
-        r, n_in, n_out = spec.down_shape[0], math.prod(spec.down_shape[1:]), spec.up_shape[0]
-        nd, nu = r * n_in, n_out * r
-        a = v[:, pos : pos + nd].reshape(-1, r, n_in)
-        b = v[:, pos + nd : pos + nd + nu].reshape(-1, n_out, r)
-        yield b, a
-        pos += nd + nu
-
-
-def delta_cosine(layout: Layout, x, y) -> torch.Tensor:
-    """Cosine between the delta W of flat vectors ``x`` and ``y`` (rows, or one vector each).
-
-    Treats a LoRA as the concatenation of all its modules' ``delta W = up @ down`` (scale 1,
-    as :meth:`Layout.unflatten` with alpha = rank). Computed from the factors, never forming
-    ``delta W``: ``<B1 A1, B2 A2> = sum((B1^T B2) * (A1 A2^T))``. ``x`` and ``y`` broadcast
-    (e.g. many rows against one mean vector). Returns float64 ``(n,)``.
-    """
-    x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x, dtype=torch.float64)
-    y = torch.as_tensor(np.asarray(y) if not torch.is_tensor(y) else y, dtype=torch.float64)
-    x, y = torch.atleast_2d(x), torch.atleast_2d(y)
-    x, y = torch.broadcast_tensors(x, y)
-    xy = xx = yy = 0.0
-    for (bx, ax), (by, ay) in zip(_module_factors(layout, x), _module_factors(layout, y)):
-        def inner(b1, a1, b2, a2):
-            return ((b1.transpose(1, 2) @ b2) * (a1 @ a2.transpose(1, 2))).sum(dim=(1, 2))
-
-        xy = xy + inner(bx, ax, by, ay)
-        xx = xx + inner(bx, ax, bx, ax)
-        yy = yy + inner(by, ay, by, ay)
-    return xy / (torch.sqrt(xx.clamp_min(0) * yy.clamp_min(0)) + 1e-30)
+# delta_cosine lives with the other flat-vector geometry in lorasynth.layout (re-exported here).
 
 
 def write_world_pack(world: SyntheticWorld, out_dir: str | Path, idx: Sequence[int] | None = None,

@@ -38,16 +38,7 @@ SD15_UNET_CONFIG = dict(
     cross_attention_dim=768,
     norm_num_groups=32,
 )
-SD15_TEXT_CONFIG = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    projection_dim=768,
-    hidden_act="quick_gelu",
-)
+from lorasynth.sd15 import SD15_TEXT_ENCODER_CONFIG as SD15_TEXT_CONFIG  # noqa: E402
 
 
 def _settings(**kw) -> GenerationSettings:

@@ -130,7 +130,7 @@ def reconstruction_cosine(
             if metric == "vector":
                 cos = torch.nn.functional.cosine_similarity(truth, rec, dim=1, eps=1e-30)
             else:
-                from ..synthetic import delta_cosine
+                from ..layout import delta_cosine
 
                 lay = layout or pack_layout
                 if lay is None:
