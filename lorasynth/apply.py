@@ -62,6 +62,31 @@ def _target_layers(models: dict[str, torch.nn.Module], loras: Sequence[LoRAWithS
     return layers
 
 
+# Fused weights are written into per-weight scratch tensors that outlive restore(): on CPU,
+# first-touching freshly allocated memory (page faults) cost ~5x the arithmetic of W + B A, so
+# fusing again (another LoRA, another scale) reuses memory that is already mapped. The cost is
+# one extra copy of each touched weight while the pipeline lives; release_buffers() frees it.
+# The scratch tensor hangs on the Parameter itself, so it lives and dies with the model.
+_SCRATCH_ATTR = "_lorasynth_fuse_scratch"
+
+
+def _scratch_for(param: torch.nn.Parameter, original: torch.Tensor) -> torch.Tensor:
+    buf = getattr(param, _SCRATCH_ATTR, None)
+    if (buf is None or buf.shape != original.shape or buf.dtype != original.dtype
+            or buf.device != original.device or buf.data_ptr() == original.data_ptr()):
+        buf = torch.empty(original.shape, dtype=original.dtype, device=original.device)
+        setattr(param, _SCRATCH_ATTR, buf)
+    return buf
+
+
+def release_buffers(pipe) -> None:
+    """Free the scratch tensors kept on ``pipe``'s weights for re-fusing (see above)."""
+    for model in pipeline_models(pipe).values():
+        for param in model.parameters():
+            if hasattr(param, _SCRATCH_ATTR):
+                delattr(param, _SCRATCH_ATTR)
+
+
 class FusedLoRAs:
     """LoRAs fused into a pipeline; :meth:`restore` puts the exact original weights back."""
 
@@ -81,11 +106,13 @@ class FusedLoRAs:
                 b = torch.cat([m.factors(torch.float32)[0] * s for s, m in group], dim=1)
                 a = torch.cat([m.factors(torch.float32)[1] for _, m in group], dim=0)
                 w2d = original.reshape(original.shape[0], -1)
+                buf = _scratch_for(param, original)
+                out2d = buf.view(w2d.shape)
                 if original.dtype == torch.float32:
-                    fused = torch.addmm(w2d, b, a)  # one pass, no separate delta tensor
-                else:
-                    fused = torch.addmm(w2d.float(), b, a).to(original.dtype)
-                fused = fused.reshape(original.shape)
+                    torch.addmm(w2d, b, a, out=out2d)  # one pass, no separate delta tensor
+                else:  # bf16/fp16: one rounding of W + BA (accumulated in fp32 by the kernel)
+                    out2d.copy_(w2d).addmm_(b.to(original.dtype), a.to(original.dtype))
+                fused = buf
                 if original.ndim == 4 and original.is_contiguous(memory_format=torch.channels_last):
                     fused = fused.contiguous(memory_format=torch.channels_last)
                 self._originals.append((param, original))

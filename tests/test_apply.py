@@ -140,3 +140,27 @@ def test_fused_lora_changes_generation_and_restore_brings_it_back(tiny_pipeline)
     import numpy as np
     assert np.abs(np.asarray(changed, dtype=float) - np.asarray(base, dtype=float)).mean() > 1.0
     assert np.array_equal(np.asarray(again), np.asarray(base))
+
+
+def test_refusing_reuses_scratch_memory_and_nested_fuses_restore(tiny_pipeline):
+    from lorasynth.apply import release_buffers
+
+    a, b = _lora_for(tiny_pipeline, seed=1), _lora_for(tiny_pipeline, seed=2)
+    name = next(n for n in a.modules if n.startswith("unet."))
+    layer = tiny_pipeline.unet.get_submodule(name.split(".", 1)[1])
+    w0 = layer.weight.detach().clone()
+    with fused(tiny_pipeline, [(a, 1.0)]):
+        first_ptr = layer.weight.data_ptr()
+        with fused(tiny_pipeline, [(b, 1.0)]):  # nested: fuses on top of the fused weight
+            assert layer.weight.data_ptr() != first_ptr
+            want = w0 + a.modules[name].delta() + b.modules[name].delta()
+            assert torch.allclose(layer.weight, want, atol=1e-5)
+        assert torch.allclose(layer.weight, w0 + a.modules[name].delta(), atol=1e-6)
+    assert torch.equal(layer.weight, w0)
+    with fused(tiny_pipeline, [(b, 0.5)]):
+        reused = layer.weight.data_ptr()
+        assert torch.allclose(layer.weight, w0 + 0.5 * b.modules[name].delta(), atol=1e-6)
+    with fused(tiny_pipeline, [(a, 0.5)]):
+        assert layer.weight.data_ptr() == reused  # the same memory, written again
+    release_buffers(tiny_pipeline)
+    assert torch.equal(layer.weight, w0)

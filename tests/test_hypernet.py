@@ -218,3 +218,17 @@ def test_trained_samples_beat_mean_random_and_nearest_entry(trained, tmp_path):
     # The exported model reproduces the trained one exactly.
     loaded = HypernetDiffusion.load(module.export(tmp_path))
     assert torch.equal(loaded.sample(c_test[:4], seed=1), module.sample(c_test[:4], seed=1))
+
+
+def test_resume_from_lightning_checkpoint(trained):
+    """fit(resume=True) restores weights, EMA and statistics from last.ckpt (weights_only) and trains on."""
+    from lorasynth.training import TrainConfig, fit
+
+    module, _, out = trained
+    z, c = toy_world(1000, seed=0)
+    cfg = TrainConfig(max_steps=410, batch_size=128, lr=2e-3, progress=False, seed=0, ckpt_every=1000)
+    fresh = HypernetDiffusion(small_config(), lr=cfg.lr, warmup_steps=20)  # no stats: they come from the checkpoint
+    trainer = fit(fresh, latent_dataloader(z, c, cfg.batch_size, seed=0), out, cfg, resume=True)
+    assert trainer.global_step == 410
+    assert int(fresh.ema_updates) == 410
+    assert torch.equal(fresh.latent_mean, module.latent_mean) and torch.equal(fresh.cond_scale, module.cond_scale)
