@@ -151,7 +151,10 @@ def bench_blend(path: Path, repeats: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for both libraries (1: stable on a shared 2-core machine)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     import diffusers
 
@@ -171,6 +174,7 @@ def main() -> None:
             "unet": "SD1.5 config, random weights, %d params" % sum(p.numel() for p in pipe.unet.parameters()),
             "unet_build_s": build_s,
             "repeats": args.repeats,
+            "threads": args.threads,
             "lora": {kind: bench_kind(pipe, path, args.repeats) for kind, path in files.items()},
             "blend": bench_blend(files["attention_rank8"], max(1, args.repeats // 2)),
         }
