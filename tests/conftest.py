@@ -13,12 +13,13 @@ import pytest
 
 
 def pytest_configure(config):
-    """One torch thread per xdist worker (``make test`` runs ``-n 2`` on 2 cores).
+    """One torch thread per test process (``make test`` runs ``-n 2`` on 2 cores).
 
     Two workers with two threads each oversubscribe the cores and torch's threads spin-wait on
-    each other: measured 3x slower on the tiny pipeline tests. OMP_NUM_THREADS, if set, wins.
+    each other: measured 3x slower on the tiny pipeline tests (and 10x+ when anything else runs).
+    One thread also makes results independent of how the suite is run. OMP_NUM_THREADS, if set, wins.
     """
-    if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    if "OMP_NUM_THREADS" not in os.environ:
         import torch
 
         torch.set_num_threads(1)

@@ -23,14 +23,6 @@ TEST_VAE = VAEConfig(latent_dim=64, d_model=64, enc_layers=1, dec_layers=1, kl_w
 TEST_STEPS = 200
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matmuls: one thread avoids oversubscription when test processes share 2 cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 # --------------------------------------------------------------------------- PCA
 

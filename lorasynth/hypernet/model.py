@@ -36,8 +36,10 @@ class HypernetConfig:
     cond_dim: size of the face embedding (128 for dlib, 512 for ArcFace; taken from the data).
     width, depth, mlp_ratio: residual-MLP trunk (hidden size of each block = width*mlp_ratio).
     emb_dim: size of the timestep / condition embedding that drives AdaLN.
-    prediction: training target, ``"x0"`` (default: best on our planted worlds, see report),
-        ``"v"`` or ``"eps"``.
+    prediction: training target, ``"x0"`` (default), ``"v"`` or ``"eps"``. On planted worlds
+        (2,000 identities, 1,000 steps) x0 gave held-out delta-W cosine 0.954 vs 0.71 for v and
+        garbage for eps without x0 clipping: the conditional posterior is sharp, and predicting
+        x0 is then a direct regression from the face embedding.
     cond_dropout: probability of replacing the condition by the null embedding in training.
     num_train_timesteps, beta_schedule, rescale_zero_snr: the noise schedule (diffusers names).
     clip_sample: clip predicted x0 to +-this many standard deviations while sampling

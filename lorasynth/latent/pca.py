@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import ModelError
+from .export import read_export
 from ..pack import Pack, std_floor
 
 PCA_VERSION = 1
@@ -123,15 +123,7 @@ class PCA:
     @classmethod
     def load(cls, path: str | Path) -> "PCA":
         path = Path(path)
-        try:
-            meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-            t = load_file(str(path / WEIGHTS_FILE))
-        except FileNotFoundError as e:
-            raise ModelError(f"no PCA model in {path}: {Path(e.filename).name} is missing") from None
-        except (OSError, ValueError, SafetensorError) as e:
-            raise ModelError(f"PCA model in {path} is unreadable ({e})") from None
-        if meta.get("format") != "lorasynth-pca" or meta.get("version") != PCA_VERSION:
-            raise ModelError(f"{path / META_FILE} is not a lorasynth PCA (version {PCA_VERSION})")
+        meta, t = read_export(path, META_FILE, WEIGHTS_FILE, "PCA model", "lorasynth-pca", PCA_VERSION)
         d, k = int(meta["dim"]), int(meta["latent_dim"])
         want = {"components": (d, k), "center": (d,), "singular_values": (k,), "coef_mean": (k,), "coef_std": (k,),
                 "mean": (d,), "scale": (d,)}

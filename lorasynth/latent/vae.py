@@ -61,11 +61,11 @@ from pathlib import Path
 import lightning
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import ModelError
+from .export import read_export
 from ..training import TrainConfig, cosine_warmup_lr, fit, long_epoch_sampler
 from .pca import _atomic_save
 
@@ -305,15 +305,7 @@ class LoRAVAE(lightning.LightningModule):
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "LoRAVAE":
         """Load an exported VAE (eval mode)."""
         path = Path(path)
-        try:
-            meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-            state = load_file(str(path / WEIGHTS_FILE), device=str(map_location))
-        except FileNotFoundError as e:
-            raise ModelError(f"no VAE in {path}: {Path(e.filename).name} is missing") from None
-        except (OSError, ValueError, SafetensorError) as e:
-            raise ModelError(f"VAE in {path} is unreadable ({e})") from None
-        if meta.get("format") != "lorasynth-vae" or meta.get("version") != VAE_VERSION:
-            raise ModelError(f"{path / META_FILE} is not a lorasynth VAE (version {VAE_VERSION})")
+        meta, state = read_export(path, META_FILE, WEIGHTS_FILE, "VAE", "lorasynth-vae", VAE_VERSION, map_location)
         try:
             model = cls(VAEConfig.from_dict(meta["config"]), int(meta["dim"]),
                         layout_signature=str(meta.get("layout_signature", "")), lr=float(meta.get("lr", 1e-3)))
