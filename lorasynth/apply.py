@@ -19,7 +19,7 @@ import torch
 
 from .errors import LayoutError
 from .formats.keys import ModuleTree, some
-from .lora import LoRA, LoRAModule
+from .lora import LoRA, LoRAModule, stacked_factors
 from .sd15 import get_layer
 
 LoRAWithScale = tuple[LoRA, float]
@@ -103,8 +103,7 @@ class FusedLoRAs:
                 param = layers[name].weight
                 original = param.data
                 # every LoRA on this layer in one product: B = [s1 B1, s2 B2...], A = [A1; A2...]
-                b = torch.cat([m.factors(torch.float32)[0] * s for s, m in group], dim=1)
-                a = torch.cat([m.factors(torch.float32)[1] for _, m in group], dim=0)
+                b, a = stacked_factors(group)
                 w2d = original.reshape(original.shape[0], -1)
                 buf = _scratch_for(param, original)
                 out2d = buf.view(w2d.shape)

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from .errors import LayoutError, LorasynthError
-from .lora import LoRA, LoRAModule, factored_svd, factors_from_svd, module_from_factors
+from .lora import LoRA, LoRAModule, factored_svd, factors_from_svd, module_from_factors, stacked_factors
 
 
 @dataclass
@@ -45,16 +45,6 @@ class BlendReport:
             "max_module_relative_error": self.max_error,
             "module_relative_errors": self.module_errors,
         }
-
-
-def _stacked_factors(parts: list[tuple[float, LoRAModule]], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, A)`` with ``B @ A = sum_i w_i dW_i`` by concatenating along the rank."""
-    bs, as_ = [], []
-    for w, m in parts:
-        b, a = m.factors(dtype)
-        bs.append(b * w)
-        as_.append(a)
-    return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
 
 
 def blend(
@@ -84,7 +74,7 @@ def blend(
         shapes = {p[1].weight_shape for p in parts}
         if len(shapes) > 1:
             raise LayoutError(f"cannot blend module {name}: the LoRAs update weights of different shapes {sorted(shapes)}")
-        b, a = _stacked_factors(parts, work_dtype)
+        b, a = stacked_factors(parts, work_dtype)
         stacked[name] = (b, a, parts[0][1])
     if rank is None:
         modules = {n: module_from_factors(b, a, like, out_dtype) for n, (b, a, like) in stacked.items()}

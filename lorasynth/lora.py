@@ -154,6 +154,21 @@ def factored_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.
     return qb @ uc, s, vhc @ qa.mT
 
 
+def stacked_factors(parts, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)`` with ``B @ A = sum_i w_i dW_i`` for ``parts = [(w_i, module_i), ...]``.
+
+    Concatenation along the rank (``B = [w1 s1 B1, w2 s2 B2, ...]``, ``A = [A1; A2; ...]``)
+    is exact: the weighted sum of the updates, with no cross terms. Used by blending and
+    by fusing several LoRAs into one layer.
+    """
+    bs, as_ = [], []
+    for w, m in parts:
+        b, a = m.factors(dtype)
+        bs.append(b * w)
+        as_.append(a)
+    return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
+
+
 def _fix_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sign rule: the largest-magnitude entry of every column of U is positive."""
     if u.shape[1] == 0:
