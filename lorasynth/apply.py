@@ -87,6 +87,19 @@ def release_buffers(pipe) -> None:
                 delattr(param, _SCRATCH_ATTR)
 
 
+def _layer_factors(group: list[tuple[float, LoRAModule]]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(B, A, alpha)`` with ``alpha * B @ A`` = the layer's total update, in float32.
+
+    One LoRA on a layer (the usual case) uses its factors as they are, the scale going to
+    the kernel's ``alpha``: no copies. Several are stacked along the rank into one product.
+    """
+    if len(group) == 1:
+        (weight, m), = group
+        return m.up.reshape(m.out_features, m.rank).float(), m.down.reshape(m.rank, -1).float(), weight * m.scale
+    b, a = stacked_factors(group)
+    return b, a, 1.0
+
+
 class FusedLoRAs:
     """LoRAs fused into a pipeline; :meth:`restore` puts the exact original weights back."""
 
@@ -102,17 +115,16 @@ class FusedLoRAs:
             for name, group in parts.items():
                 param = layers[name].weight
                 original = param.data
-                # every LoRA on this layer in one product: B = [s1 B1, s2 B2...], A = [A1; A2...]
-                b, a = stacked_factors(group)
+                b, a, alpha = _layer_factors(group)
                 w2d = original.reshape(original.shape[0], -1)
                 buf = _scratch_for(param, original)
                 out2d = buf.view(w2d.shape)
                 if original.dtype == torch.float32 and b.shape[1] == 1:
-                    torch.addr(w2d, b[:, 0], a[0], out=out2d)  # rank 1: an outer product (gemm is 3x slower)
+                    torch.addr(w2d, b[:, 0], a[0], alpha=alpha, out=out2d)  # rank 1: outer product (gemm is 3x slower)
                 elif original.dtype == torch.float32:
-                    torch.addmm(w2d, b, a, out=out2d)  # one pass, no separate delta tensor
+                    torch.addmm(w2d, b, a, alpha=alpha, out=out2d)  # one pass, no separate delta tensor
                 else:  # bf16/fp16: one rounding of W + BA (accumulated in fp32 by the kernel)
-                    out2d.copy_(w2d).addmm_(b.to(original.dtype), a.to(original.dtype))
+                    out2d.copy_(w2d).addmm_(b.to(original.dtype), a.to(original.dtype), alpha=alpha)
                 fused = buf
                 if original.ndim == 4 and original.is_contiguous(memory_format=torch.channels_last):
                     fused = fused.contiguous(memory_format=torch.channels_last)

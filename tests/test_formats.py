@@ -217,3 +217,46 @@ def test_header_length_starting_with_pickle_opcode_is_not_a_pickle(tmp_path):
     assert data[0] == 0x80 and 2 <= data[1] <= 5
     write_bytes(tmp_path / "p.safetensors", data)
     assert load_lora(tmp_path / "p.safetensors").metadata["pad"] == lora.metadata["pad"]
+
+
+def test_reader_matches_safetensors_for_every_dtype_and_odd_offsets(tmp_path):
+    """The one-buffer reader gives safetensors' own tensors, including bf16/fp16, 0-d, empty,
+    a misaligned float (written by hand: safetensors itself aligns) and fp8 (via safetensors)."""
+    from safetensors.torch import load_file
+
+    tensors = {
+        "a_u8": torch.arange(3, dtype=torch.uint8),
+        "b_f32": torch.randn(4, 5),
+        "c_bf16": torch.randn(3, 2).to(torch.bfloat16),
+        "d_f16": torch.randn(7).to(torch.float16),
+        "e_scalar": torch.tensor(2.5),
+        "f_empty": torch.zeros(0, 4),
+    }
+    save_file(tensors, tmp_path / "t.safetensors", metadata={"k": "v"})
+    ours, meta = safe_io.read_safetensors(tmp_path / "t.safetensors")
+    theirs = load_file(tmp_path / "t.safetensors")
+    assert meta == {"k": "v"} and ours.keys() == theirs.keys()
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
+    # other writers may not align: a float32 tensor starting at byte 3 of the data
+    header = {"u": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+              "w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [3, 19]}}
+    raw = json.dumps(header).encode()
+    w = torch.randn(2, 2)
+    (tmp_path / "odd.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes([1, 2, 3]) + w.numpy().tobytes())
+    odd, _ = safe_io.read_safetensors(tmp_path / "odd.safetensors")
+    assert torch.equal(odd["w"], w) and odd["u"].tolist() == [1, 2, 3]
+    fp8 = {"x": torch.randn(4).to(torch.float8_e4m3fn)}
+    save_file(fp8, tmp_path / "f8.safetensors")
+    back, _ = safe_io.read_safetensors(tmp_path / "f8.safetensors")
+    assert torch.equal(back["x"].float(), fp8["x"].float())
+
+
+def test_finite_check_names_the_module_and_accepts_huge_finite_values():
+    lora = sd15_lora(NAMES, rank=4)
+    big = lora.modules[NAMES[0]]
+    big.down.fill_(3e38)  # finite, but any sum of these overflows to inf
+    lora.check_finite()
+    lora.modules[NAMES[2]].up[0, 0] = float("nan")
+    with pytest.raises(FormatError, match="self_attn.q_proj has NaN/Inf values in its up"):
+        lora.check_finite()
