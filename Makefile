@@ -2,18 +2,21 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed
 
 .PHONY: install test demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: the CPU build lies on local disk; an unpinned torch pulls a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	# pip takes it (uv does not look on that disk); uv installs the rest: parallel downloads, and it
+	# byte-compiles all of site-packages (torch included, hence pip's --no-compile) on every core.
+	# A fresh install takes ~70 s here instead of pip's ~160 s.
+	$(PY) -m pip install -q --no-compile torch==2.13.0 uv
 	# only its data file (the real CLIP BPE vocabulary) is used; its dependencies would drag in torchvision.
-	$(PY) -m pip install -q --no-deps open-clip-torch==3.3.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(UV) pip install --python $(PY) -q --compile-bytecode --no-deps open-clip-torch==3.3.0
+	$(UV) pip install --python $(PY) -q --compile-bytecode -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
