@@ -260,3 +260,11 @@ def test_finite_check_names_the_module_and_accepts_huge_finite_values():
     lora.modules[NAMES[2]].up[0, 0] = float("nan")
     with pytest.raises(FormatError, match="self_attn.q_proj has NaN/Inf values in its up"):
         lora.check_finite()
+
+
+def test_numpy_and_torch_writers_give_the_same_bytes(monkeypatch):
+    """safetensors_bytes takes safetensors' faster numpy writer when numpy has every dtype."""
+    tensors = {"w": torch.randn(4, 3), "h": torch.randn(5).half(), "i": torch.arange(3), "b": torch.tensor([True])}
+    fast = safe_io.safetensors_bytes(tensors, {"k": "v"})
+    monkeypatch.setattr(safe_io, "_NUMPY_DTYPES", set())
+    assert safe_io.safetensors_bytes(tensors, {"k": "v"}) == fast

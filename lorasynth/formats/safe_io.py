@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors.numpy import save as save_numpy
 from safetensors.torch import load_file, save
 
 from ..errors import FormatError
@@ -29,6 +30,8 @@ _TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
+_NUMPY_DTYPES = {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
+                 torch.uint8, torch.bool}
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -159,7 +162,11 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     """
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    raw = save(clean, metadata=meta)
+    if all(v.dtype in _NUMPY_DTYPES for v in clean.values()):
+        # same bytes; safetensors' numpy writer costs ~15 us a tensor, its torch writer ~45 us
+        raw = save_numpy({k: v.numpy() for k, v in clean.items()}, metadata=meta)
+    else:  # bfloat16, float8: numpy has no such dtype
+        raw = save(clean, metadata=meta)
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.dumps(json.loads(raw[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
