@@ -33,7 +33,7 @@ def _devices(text: str):
 
 def register(sub) -> None:
     from .library import library_subparsers
-    from ..library.train import IdentityTrainConfig
+    from ..library.train_config import IdentityTrainConfig
 
     d = IdentityTrainConfig()
     p = library_subparsers(sub).add_parser(
