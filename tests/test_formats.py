@@ -246,6 +246,11 @@ def test_reader_matches_safetensors_for_every_dtype_and_odd_offsets(tmp_path):
     (tmp_path / "odd.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes([1, 2, 3]) + w.numpy().tobytes())
     odd, _ = safe_io.read_safetensors(tmp_path / "odd.safetensors")
     assert torch.equal(odd["w"], w) and odd["u"].tolist() == [1, 2, 3]
+    header["u"]["shape"] = [-1, 0]  # hostile: a negative dimension of an empty tensor
+    raw = json.dumps(header).encode()
+    (tmp_path / "neg.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(19))
+    with pytest.raises(FormatError, match="negative dimension"):
+        safe_io.read_safetensors(tmp_path / "neg.safetensors")
     fp8 = {"x": torch.randn(4).to(torch.float8_e4m3fn)}
     save_file(fp8, tmp_path / "f8.safetensors")
     back, _ = safe_io.read_safetensors(tmp_path / "f8.safetensors")

@@ -78,9 +78,13 @@ def _parse_header(path: Path, raw: bytes, data_len: int) -> tuple[dict, dict[str
         try:
             start, end = entry["data_offsets"]
             dtype, shape = entry["dtype"], entry["shape"]
-            count = math.prod(int(d) for d in shape)
+            dims = [int(d) for d in shape]
+            start, end = int(start), int(end)
         except (TypeError, KeyError, ValueError):
             raise FormatError(f"{path}: malformed safetensors entry for {key!r}")
+        if any(d < 0 for d in dims):
+            raise FormatError(f"{path}: tensor {key!r} has a negative dimension {shape}")
+        count = math.prod(dims)
         if end > data_len or start > end or start < 0:
             raise FormatError(f"{path}: truncated file: tensor {key!r} ends at byte {end}, data holds {data_len}")
         if dtype in _DTYPE_SIZES and count * _DTYPE_SIZES[dtype] != end - start:
