@@ -26,13 +26,13 @@ from ..errors import FormatError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
-_TORCH_DTYPES = {
+#: safetensors dtype names -> the torch dtypes a buffer can be viewed as (other names, e.g. fp8,
+#: are left to safetensors' own loader); sizes come from ``itemsize``.
+SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
-_NUMPY_DTYPES = {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
-                 torch.uint8, torch.bool}
-_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_NUMPY_DTYPES = set(SAFETENSORS_DTYPES.values()) - {torch.bfloat16}  # numpy has no bfloat16
 
 
 def _looks_pickled(head: bytes) -> bool:
@@ -87,7 +87,7 @@ def _parse_header(path: Path, raw: bytes, data_len: int) -> tuple[dict, dict[str
         count = math.prod(dims)
         if end > data_len or start > end or start < 0:
             raise FormatError(f"{path}: truncated file: tensor {key!r} ends at byte {end}, data holds {data_len}")
-        if dtype in _DTYPE_SIZES and count * _DTYPE_SIZES[dtype] != end - start:
+        if dtype in SAFETENSORS_DTYPES and count * SAFETENSORS_DTYPES[dtype].itemsize != end - start:
             raise FormatError(f"{path}: tensor {key!r} size does not match its shape {shape} and dtype {dtype}")
     return header, {str(k): str(v) for k, v in metadata.items()}
 
@@ -111,14 +111,14 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         f.seek(8)
         raw = f.read(n)
         header, metadata = _parse_header(path, raw, size - 8 - n)
-        if any(e["dtype"] not in _TORCH_DTYPES for e in header.values()):
+        if any(e["dtype"] not in SAFETENSORS_DTYPES for e in header.values()):
             return _read_with_safetensors(path), metadata
         data = bytearray(size - 8 - n)
         if f.readinto(data) != len(data):
             raise FormatError(f"{path}: file changed while reading")
     tensors = {}
     for key, entry in header.items():
-        dtype = _TORCH_DTYPES[entry["dtype"]]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
         start, end = entry["data_offsets"]
         if start == end:
             tensors[key] = torch.empty(entry["shape"], dtype=dtype)

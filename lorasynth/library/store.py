@@ -50,6 +50,7 @@ from ..errors import FormatError, LayoutError, LibraryError, LorasynthError
 from ..formats import save_lora
 from ..formats.common import most_common
 from ..formats.keys import kohya_name
+from ..formats.safe_io import SAFETENSORS_DTYPES
 from ..layout import Layout
 from ..lora import LoRA, LoRAModule
 
@@ -193,8 +194,9 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.float64: "F64", torch.bfloat16: "BF16"}
-_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+# blobs hold float weights only
+_TORCH_DTYPES = {name: t for name, t in SAFETENSORS_DTYPES.items() if t.is_floating_point}
+_ST_DTYPES = {t: name for name, t in _TORCH_DTYPES.items()}
 
 
 def _raw(t: torch.Tensor) -> np.ndarray:
@@ -264,9 +266,6 @@ def blob_bytes(lora: LoRA) -> bytes:
     return encode_blob(lora)[0]
 
 
-_ITEM_SIZES = {"F32": 4, "F16": 2, "F64": 8, "BF16": 2}
-
-
 def decode_blob(data: bytes, layout: Layout, source: str = "blob") -> LoRA:
     """Read blob bytes straight into a LoRA of ``layout`` (fast path; ``load_lora`` reads them too).
 
@@ -283,7 +282,7 @@ def decode_blob(data: bytes, layout: Layout, source: str = "blob") -> LoRA:
             info = header[key]
             start, end = info["data_offsets"]
             kind = info["dtype"]
-            size = _ITEM_SIZES[kind]
+            size = _TORCH_DTYPES[kind].itemsize
             if list(info["shape"]) != list(shape) or not 0 <= start <= end <= len(buf) or (end - start) != size * math.prod(shape):
                 raise ValueError(f"{key}: shape {info['shape']} / bytes {end - start}, layout expects shape {list(shape)}")
             if start % size:  # unaligned: copy this one tensor
