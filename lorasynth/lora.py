@@ -124,9 +124,9 @@ class LoRA:
 
     def check_finite(self) -> None:
         """Raise FormatError naming the first module holding NaN or Inf."""
-        if not all(math.isfinite(m.alpha) for m in self.modules.values()):
-            bad = next(n for n, m in self.modules.items() if not math.isfinite(m.alpha))
-            raise FormatError(f"module {bad} has a non-finite alpha {self.modules[bad].alpha}")
+        for name, m in self.modules.items():
+            if not math.isfinite(m.alpha):
+                raise FormatError(f"module {name} has a non-finite alpha {m.alpha}")
         # fast path (~4x faster than isfinite per tensor): NaN/Inf anywhere make the sum of
         # sums non-finite; a finite sum proves every value finite. A non-finite sum from overflow
         # alone falls through to the exact per-tensor check below, which then finds nothing.

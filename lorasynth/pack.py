@@ -429,6 +429,17 @@ class Pack:
             raise LibraryError(f"no entry {entry_id!r} in pack {self.path}") from None
 
 
+def _open_rows(path: Path, name: str, shape: tuple[int, int]) -> _RowFile:
+    """Open the pack's row file ``name`` and check it holds ``shape`` (rows, columns)."""
+    try:
+        rows = _RowFile.open(path / name)
+    except (OSError, ValueError) as e:
+        raise LibraryError(f"pack {path}: {name} is unreadable ({e})") from None
+    if (rows.n_rows, rows.n_cols) != shape:
+        raise LibraryError(f"pack {path}: {name} has shape {(rows.n_rows, rows.n_cols)}, expected {shape}")
+    return rows
+
+
 def open_pack(path: str | Path) -> Pack:
     """Open and validate a pack directory; raise :class:`LibraryError` saying what is wrong."""
     path = Path(path).expanduser().resolve()
@@ -454,21 +465,11 @@ def open_pack(path: str | Path) -> Pack:
         raise LibraryError(f"pack {path}: layout signature mismatch (file says {meta.get('layout_signature')}, layout hashes to {layout.signature})")
     if dim != layout.size or len(ids) != n:
         raise LibraryError(f"pack {path}: inconsistent {META_FILE} (dim {dim} vs layout {layout.size}, {len(ids)} ids for n={n})")
-    try:
-        vec = _RowFile.open(path / VECTORS_FILE)
-    except (OSError, ValueError) as e:
-        raise LibraryError(f"pack {path}: {VECTORS_FILE} is unreadable ({e})") from None
-    if (vec.n_rows, vec.n_cols) != (n, dim):
-        raise LibraryError(f"pack {path}: {VECTORS_FILE} has shape {(vec.n_rows, vec.n_cols)}, expected {(n, dim)}")
+    vec = _open_rows(path, VECTORS_FILE, (n, dim))
     if embed_dim:
         if not (path / EMBEDDINGS_FILE).is_file():
             raise LibraryError(f"pack {path} is incomplete: {EMBEDDINGS_FILE} is missing")
-        try:
-            emb = _RowFile.open(path / EMBEDDINGS_FILE)
-        except (OSError, ValueError) as e:
-            raise LibraryError(f"pack {path}: {EMBEDDINGS_FILE} is unreadable ({e})") from None
-        if (emb.n_rows, emb.n_cols) != (n, embed_dim):
-            raise LibraryError(f"pack {path}: {EMBEDDINGS_FILE} has shape {(emb.n_rows, emb.n_cols)}, expected {(n, embed_dim)}")
+        emb = _open_rows(path, EMBEDDINGS_FILE, (n, embed_dim))
     else:
         emb = _RowFile(path / EMBEDDINGS_FILE, n, 0, 0)
     try:
