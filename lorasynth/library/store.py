@@ -286,7 +286,7 @@ def decode_blob(data: bytes, layout: Layout, source: str = "blob") -> LoRA:
             if list(info["shape"]) != list(shape) or not 0 <= start <= end <= len(buf) or (end - start) != size * math.prod(shape):
                 raise ValueError(f"{key}: shape {info['shape']} / bytes {end - start}, layout expects shape {list(shape)}")
             if start % size:  # unaligned: copy this one tensor
-                return torch.frombuffer(buf, dtype=_TORCH_DTYPES[kind], count=(end - start) // size, offset=start).reshape(tuple(shape))
+                return torch.frombuffer(bytearray(buf[start:end]), dtype=_TORCH_DTYPES[kind], count=(end - start) // size).reshape(tuple(shape))
             if kind not in whole:
                 whole[kind] = torch.frombuffer(buf, dtype=_TORCH_DTYPES[kind], count=len(buf) // size)
             return whole[kind][start // size : end // size].view(tuple(shape))
