@@ -46,8 +46,10 @@ def test_round_trip_kohya_diffusers_kohya_is_exact(tmp_path):
     t2, _ = safe_io.read_safetensors(k2)
     assert t1.keys() == t2.keys()
     assert all(torch.equal(t1[k], t2[k]) for k in t1)
-    for name, m in lora.modules.items():
-        assert back.modules[name].alpha == m.alpha and torch.equal(back.modules[name].up, m.up)
+    # the kohya file has one alpha (8, the most common); module alphas 3 and 1 are folded into up
+    assert {float(t1[k]) for k in t1 if k.endswith(".alpha")} == {8.0}
+    assert max_delta_diff(back, lora) < 1e-5
+    assert back.modules[NAMES[0]].alpha == 8.0 and torch.equal(back.modules[NAMES[0]].up, lora.modules[NAMES[0]].up)
 
 
 def test_kohya_without_alpha_means_scale_one(tmp_path):
@@ -197,7 +199,7 @@ def test_writes_are_deterministic(tmp_path):
 def test_save_refuses_nan_and_unknown_format(tmp_path):
     lora = sd15_lora(NAMES[:1])
     with pytest.raises(FormatError, match="cannot save as"):
-        save_lora(lora, tmp_path / "x.safetensors", "peft")
+        save_lora(lora, tmp_path / "x.safetensors", "ckpt")
     lora.modules[NAMES[0]].up[0, 0] = float("inf")
     with pytest.raises(FormatError, match="NaN/Inf"):
         save_lora(lora, tmp_path / "x.safetensors")
