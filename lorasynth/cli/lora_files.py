@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 from ..blend import blend
 from ..errors import LorasynthError
-from ..formats import SAVE_FORMATS, load_lora, save_lora
+from ..formats import INFERRED_KEYS, SAVE_FORMATS, FormatWarning, load_lora, merged_metadata, save_lora
+
+ALPHA_HELP = ("alpha of a peft adapter (overrides its adapter_config.json; needed when that file is missing: "
+              "weights2weights LoRAs use 27); ignored for kohya/diffusers files, which carry their alphas")
 
 
 def register(sub) -> None:
@@ -17,12 +22,14 @@ def register(sub) -> None:
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--modules", action="store_true", help="list every module")
+    p.add_argument("--alpha", type=float, default=None, help=ALPHA_HELP)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("convert", help="convert a LoRA file between layouts (kohya, diffusers)")
+    p = sub.add_parser("convert", help="convert a LoRA file between layouts (kohya, diffusers, peft)")
     p.add_argument("input")
-    p.add_argument("output")
+    p.add_argument("output", help="output .safetensors file (for --to peft: a folder, or its adapter_model.safetensors)")
     p.add_argument("--to", choices=SAVE_FORMATS, default="kohya")
+    p.add_argument("--alpha", type=float, default=None, help=ALPHA_HELP)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("blend", help="weighted sum of LoRAs: FILE=WEIGHT ... (exact, or --rank R)")
@@ -30,6 +37,7 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--rank", type=int, default=None, help="truncate each module to this rank (optimal SVD)")
     p.add_argument("--to", choices=SAVE_FORMATS, default="kohya")
+    p.add_argument("--alpha", type=float, default=None, help=ALPHA_HELP)
     p.set_defaults(func=cmd_blend)
 
 
@@ -46,11 +54,26 @@ def parse_weighted(item: str, default: float | None = None) -> tuple[str, float]
         raise LorasynthError(f"weight in {item!r} is not a number") from None
 
 
+def load_reporting(path, **kwargs):
+    """``load_lora`` printing each FormatWarning as one ``lorasynth: warning:`` line on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FormatWarning)
+        lora = load_lora(path, **kwargs)
+    for w in caught:
+        if issubclass(w.category, FormatWarning):
+            print(f"lorasynth: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return lora
+
+
 def summarize(lora) -> dict:
+    """What the reader inferred from the weights (top-level keys) and, apart, ``file_metadata``:
+    the file's own header metadata exactly as stored (nothing lorasynth added)."""
     mods = lora.modules
     fro = sum(m.delta(torch.float32).square().sum().item() for m in mods.values()) ** 0.5
     meta = lora.metadata
-    return {
+    inferred = {
         "format": meta.get("lorasynth.source_format"),
         "modules": len(mods),
         "components": sorted(lora.components),
@@ -61,12 +84,15 @@ def summarize(lora) -> dict:
         "dtype": str(next(iter(mods.values())).down.dtype).replace("torch.", "") if mods else None,
         "base_model_version": meta.get("ss_base_model_version", "unknown (assumed sd_v1)"),
         "delta_frobenius_norm": fro,
-        "metadata": {k: v for k, v in meta.items() if k != "lora_adapter_metadata"},
     }
+    if "lorasynth.warning" in meta:
+        inferred["warning"] = meta["lorasynth.warning"]
+    file_meta = {k: v for k, v in meta.items() if k not in INFERRED_KEYS}
+    return {**inferred, "file_metadata": file_meta}
 
 
 def cmd_inspect(args) -> int:
-    lora = load_lora(args.file)
+    lora = load_reporting(args.file, alpha=args.alpha)
     info = summarize(lora)
     if args.modules or args.json:
         info["module_list"] = [
@@ -78,31 +104,35 @@ def cmd_inspect(args) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{args.file}")
-    for key in ("format", "modules", "components", "ranks", "alphas", "conv_modules", "params", "dtype",
-                "base_model_version", "delta_frobenius_norm"):
-        print(f"  {key:22s} {info[key]}")
-    for k, v in info["metadata"].items():
-        print(f"  meta {k:17s} {v[:100]}")
+    print("  read from the weights:")
+    for key, value in info.items():
+        if key not in ("file_metadata", "module_list"):
+            print(f"    {key:22s} {value}")
+    print(f"  file metadata ({len(info['file_metadata'])} keys):" if info["file_metadata"] else "  file metadata: none")
+    for k, v in info["file_metadata"].items():
+        v = " ".join(v.split())
+        print(f"    {k:22s} {v[:100]}{'...' if len(v) > 100 else ''}")
     for row in info.get("module_list", []):
         print(f"  {row['name']}  r={row['rank']} alpha={row['alpha']:g} |dW|={row['delta_norm']:.4g}")
     return 0
 
 
 def cmd_convert(args) -> int:
-    lora = load_lora(args.input)
-    save_lora(lora, args.output, args.to)
-    print(f"wrote {args.output} ({args.to}, {len(lora)} modules)")
+    lora = load_reporting(args.input, alpha=args.alpha)
+    written = save_lora(lora, args.output, args.to)
+    print(f"wrote {written} ({args.to}, {len(lora)} modules)")
     return 0
 
 
 def cmd_blend(args) -> int:
     pairs = [parse_weighted(i) for i in args.items]
-    loras = [load_lora(p) for p, _ in pairs]
+    loras = [load_reporting(p, alpha=args.alpha) for p, _ in pairs]
     out, report = blend(loras, [w for _, w in pairs], rank=args.rank)
+    out.metadata.update(merged_metadata([(Path(p).name, lora.metadata) for (p, _), lora in zip(pairs, loras)]))
     out.metadata["lorasynth.blend_sources"] = json.dumps([[Path(p).name, w] for p, w in pairs])
-    save_lora(out, args.output, args.to)
+    written = save_lora(out, args.output, args.to)
     ranks = sorted(out.ranks)
-    print(f"wrote {args.output} ({args.to}, {len(out)} modules, rank {ranks[0]}..{ranks[-1]})")
+    print(f"wrote {written} ({args.to}, {len(out)} modules, rank {ranks[0]}..{ranks[-1]})")
     if args.rank is not None:
         print(f"rank-{args.rank} relative error: overall {report.overall_error:.3e}, worst module {report.max_error:.3e}")
     return 0

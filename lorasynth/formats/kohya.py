@@ -10,6 +10,12 @@ attention and text-encoder modules (the file's most common one), so a file whose
 differ per module is applied wrongly there; with one alpha, diffusers, ComfyUI and A1111
 all apply exactly ``(alpha_i / r_i) up_i @ down_i``.
 
+diffusers (0.42) cannot load a kohya file whose text-encoder attention LoRA has no
+``out_proj`` module (it infers the key style from ``to_out_lora`` and raises "Could not
+automatically infer state dict type"). The writer then adds one all-zero rank-1 ``out_proj``
+module (a no-op everywhere), lists it in ``lorasynth.placeholder_modules``, and the reader
+drops it again.
+
 The reader also accepts the original Stability (SGM) module names some trainers write
 (``lora_unet_input_blocks_1_1_…``), and skips A1111's bundled textual-inversion embeddings
 (``bundle_emb.*``) with a warning.
@@ -29,6 +35,8 @@ from .keys import ModuleTree, kohya_name, sd15_tree, some
 from .metadata import carried_metadata
 
 _SUFFIXES = {".lora_down.weight": DOWN, ".lora_up.weight": UP, ".alpha": ALPHA}
+#: metadata key listing the all-zero modules the writer added for diffusers' sake (see above)
+PLACEHOLDER_KEY = "lorasynth.placeholder_modules"
 #: A1111 stores textual-inversion embeddings bundled into a LoRA under this prefix.
 BUNDLE_PREFIX = "bundle_emb."
 
@@ -64,7 +72,32 @@ def read_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sourc
         if name in modules:
             raise FormatError(f"{source}: module {name} appears twice (as {kname} and another spelling)")
         modules[name] = make_module(kname, g, alpha, source, tree, name)
-    return LoRA(modules, dict(metadata)).sorted()
+    meta = dict(metadata)
+    for name in _placeholders(meta.pop(PLACEHOLDER_KEY, None)):
+        m = modules.get(name)
+        if m is not None and not m.up.any() and not m.down.any():
+            del modules[name]
+    return LoRA(modules, meta).sorted()
+
+
+def _placeholders(raw: str | None) -> list[str]:
+    try:
+        names = json.loads(raw) if raw else []
+    except (json.JSONDecodeError, RecursionError):
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+def diffusers_placeholder(lora: LoRA) -> tuple[str, LoRAModule] | None:
+    """The zero ``out_proj`` module diffusers needs beside text-encoder q/k/v LoRAs, if any."""
+    te = sorted(n for n in lora.modules if n.startswith("text_encoder."))
+    qkv = [n for n in te if n.endswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]
+    if not qkv or any(n.endswith("self_attn.out_proj") for n in te):
+        return None
+    like = lora.modules[qkv[0]]  # CLIP's q/k/v/out projections are all hidden x hidden
+    hidden = like.out_features
+    zeros = LoRAModule(like.down.new_zeros(1, hidden), like.up.new_zeros(hidden, 1), 1.0)
+    return qkv[0].rsplit(".", 1)[0] + ".out_proj", zeros
 
 
 def file_alpha(lora: LoRA) -> float:
@@ -109,10 +142,17 @@ def kohya_metadata(lora: LoRA, output_name: str, alpha: float) -> dict[str, str]
 
 def to_kohya(lora: LoRA, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     alpha = file_alpha(lora)
+    modules = dict(lora.modules)
+    placeholder = diffusers_placeholder(lora)
+    if placeholder is not None:
+        modules[placeholder[0]] = placeholder[1]
     tensors: dict[str, torch.Tensor] = {}
-    for name in sorted(lora.modules):
-        m, k = with_alpha(lora.modules[name], alpha), kohya_name(name)
+    for name in sorted(modules):
+        m, k = with_alpha(modules[name], alpha), kohya_name(name)
         tensors[f"{k}.lora_down.weight"] = m.down
         tensors[f"{k}.lora_up.weight"] = m.up
         tensors[f"{k}.alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
-    return tensors, kohya_metadata(lora, Path(path).stem, alpha)
+    meta = kohya_metadata(lora, Path(path).stem, alpha)
+    if placeholder is not None:
+        meta[PLACEHOLDER_KEY] = json.dumps([placeholder[0]])
+    return tensors, meta

@@ -32,7 +32,7 @@ INFERRED_KEYS = ("lorasynth.source_format", "lorasynth.warning")
 WRITER_KEYS = frozenset({
     "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version", "ss_v2",
     "sshs_model_hash", "sshs_legacy_hash", "modelspec.architecture", "modelspec.sai_model_spec",
-    "modelspec.hash_sha256", "lora_adapter_metadata", "format",
+    "modelspec.hash_sha256", "lora_adapter_metadata", "format", "lorasynth.placeholder_modules",
 })
 TRIGGER_KEY = "modelspec.trigger_phrase"
 TAG_FREQUENCY_KEY = "ss_tag_frequency"
