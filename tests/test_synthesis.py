@@ -53,6 +53,7 @@ def test_every_strategy_writes_a_loadable_kohya_lora(model_dir, tmp_path):
         assert back.metadata["lorasynth.strategy"] == strategy
         assert back.metadata["lorasynth.model_hash"] == syn.model_hash
         assert back.metadata["ss_network_module"] == "networks.lora"
+        assert back.metadata["modelspec.trigger_phrase"] == "sks person"
         assert set(back.modules) == set(syn.layout.names)
         assert all(torch.isfinite(m.delta()).all() for m in back.modules.values())
     assert load_lora(tmp_path / "blend.safetensors", tree=ModuleTree.from_specs(syn.layout.modules)).modules[syn.layout.names[0]].rank == 8  # exact top-8 blend
