@@ -236,3 +236,21 @@ def test_every_module_applied_exactly(kind, consumer, base_pipe, row_files, tmp_
             wrong[name] = err
     assert not wrong, f"{len(wrong)} of {len(expected)} modules wrong: {sorted(wrong.items())[:3]}"
     assert sum(bool(e.abs().max() > 0) for e in expected.values()) >= len(lora.modules) > 0
+
+
+def test_text_encoder_peft_adapter_loads_in_peft(base_pipe, tmp_path):
+    """A text-encoder-only peft adapter: ``PeftModel.from_pretrained(text_encoder, folder)`` applies every module."""
+    from peft import PeftModel
+
+    pipe = copy.deepcopy(base_pipe)
+    shapes = pipeline_tree(pipe).shapes
+    lora = _mixed(_pick(shapes, ("q_proj", "v_proj"), "text_encoder"), [1, 2], [27.0, 4.0], 60)
+    save_lora(lora, tmp_path / "te", "peft")
+    assert max((load_lora(tmp_path / "te", tree=pipeline_tree(pipe)).modules[n].delta() - m.delta()).abs().max().item()
+               for n, m in lora.modules.items()) == 0
+    before = _weights({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, shapes)
+    te = PeftModel.from_pretrained(pipe.text_encoder, str(tmp_path / "te")).merge_and_unload()
+    after = _weights({"unet": pipe.unet, "text_encoder": te}, shapes)
+    for name in shapes:
+        want = lora.modules[name].delta(torch.float64) if name in lora.modules else 0
+        assert (after[name] - before[name] - want).abs().max().item() <= TOL, name

@@ -11,11 +11,15 @@ alpha (CLI ``--alpha``; a weights2weights LoRA has alpha 27). Paths starting wit
 encoder, all others to the UNet.
 
 A peft adapter belongs to one model, so the writer refuses a LoRA that updates both the
-UNet and the text encoder (use kohya or diffusers for those).
+UNet and the text encoder (use kohya or diffusers for those). A text-encoder adapter's keys
+follow the installed transformers' ``CLIPTextModel`` (``text_model.`` level before
+transformers 5, none since), as peft's own ``save_pretrained`` would write them, so
+``PeftModel.from_pretrained(text_encoder, folder)`` finds every module.
 """
 
 from __future__ import annotations
 
+from importlib import metadata as _dist
 from pathlib import Path
 
 import torch
@@ -89,6 +93,14 @@ def peft_paths(path: str | Path) -> tuple[Path, Path]:
     return path / WEIGHTS_NAME, path / CONFIG_NAME
 
 
+def _text_model_level() -> bool:
+    """Whether the installed transformers' CLIPTextModel has the ``text_model.`` level (< 5)."""
+    try:
+        return int(_dist.version("transformers").split(".")[0]) < 5
+    except (_dist.PackageNotFoundError, ValueError):
+        return False
+
+
 def to_peft(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:
     """``(tensors, header metadata, adapter_config dict)`` reproducing every module's rank and alpha."""
     components = lora.components
@@ -98,10 +110,13 @@ def to_peft(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:
             "save it as kohya or diffusers instead"
         )
     component = components.pop()
+    keep_level = component != "text_encoder" or _text_model_level()
     tensors = {}
     for name in sorted(lora.modules):
         m = lora.modules[name]
         path = name.split(".", 1)[1]
+        if not keep_level:
+            path = target_name(component, path)
         tensors[f"{PREFIX}{path}.lora_A.weight"] = m.down
         tensors[f"{PREFIX}{path}.lora_B.weight"] = m.up
     mods = {target_name(component, n.split(".", 1)[1]): m for n, m in lora.modules.items()}
