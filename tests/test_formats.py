@@ -471,6 +471,11 @@ def test_rank_zero_is_refused(tmp_path, fmt):
     save_file({keys[0]: torch.zeros(0, 320), keys[1]: torch.zeros(320, 0)}, tmp_path / "r0.safetensors")
     with pytest.raises(FormatError, match="rank 0"):
         load_lora(tmp_path / "r0.safetensors")
+    from lorasynth.lora import LoRA, LoRAModule
+
+    with pytest.raises(FormatError, match="rank 0"):
+        save_lora(LoRA({NAMES[0]: LoRAModule(torch.zeros(0, 320), torch.zeros(320, 0), 1.0)}), tmp_path / "w.safetensors", fmt)
+    assert not (tmp_path / "w.safetensors").exists()
 
 
 def test_full_checkpoint_is_named_as_such(tmp_path):

@@ -94,6 +94,9 @@ def save_lora(lora: LoRA, path: str | os.PathLike, fmt: str = KOHYA) -> Path:
         raise FormatError(f"cannot save as {fmt!r}; choose one of {', '.join(SAVE_FORMATS)}")
     if not lora.modules:
         raise FormatError("cannot save a LoRA without modules")
+    empty = [n for n, m in lora.modules.items() if m.rank < 1]
+    if empty:
+        raise FormatError(f"cannot save modules of rank 0: {', '.join(sorted(empty)[:3])}")
     lora.check_finite()
     if fmt == PEFT:
         import json
