@@ -7,14 +7,13 @@ import time
 from pathlib import Path
 
 from ..errors import LorasynthError
-from .lora_files import ALPHA_HELP, load_reporting, parse_weighted
+from .lora_files import parse_weighted
 
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="text-to-image on CPU with a base model and LoRAs")
     p.add_argument("--base", required=True, help="local diffusers folder, hub id, or single-file .safetensors")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[=SCALE]", help="LoRA to fuse (repeatable)")
-    p.add_argument("--alpha", type=float, default=None, help=ALPHA_HELP)
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--steps", type=int, default=20)
@@ -27,6 +26,13 @@ def register(sub) -> None:
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_generate)
+    add_alpha_argument(p)
+
+
+def add_alpha_argument(p) -> None:
+    from .lora_files import ALPHA_HELP
+
+    p.add_argument("--alpha", type=float, default=None, help=ALPHA_HELP)
 
 
 def _lora_weights_file(path: str) -> Path:
@@ -69,6 +75,7 @@ def cmd_generate(args) -> int:
     from ..apply import fused, pipeline_tree
     from ..pipeline import GenerationSettings, generate, load_pipeline, save_png
     from ..tiny import read_tiny_marker
+    from .lora_files import load_reporting
 
     if not args.output.lower().endswith(".png"):
         raise LorasynthError(f"output must be a .png file, got {args.output}")

@@ -11,7 +11,8 @@ import torch
 
 from ..blend import blend
 from ..errors import LorasynthError
-from ..formats import INFERRED_KEYS, SAVE_FORMATS, FormatWarning, load_lora, merged_metadata, save_lora
+from ..formats import SAVE_FORMATS, load_lora, save_lora
+from ..formats import INFERRED_KEYS, FormatWarning, merged_metadata
 
 ALPHA_HELP = ("alpha of a peft adapter (overrides its adapter_config.json; needed when that file is missing: "
               "weights2weights LoRAs use 27); ignored for kohya/diffusers files, which carry their alphas")
@@ -130,9 +131,9 @@ def cmd_blend(args) -> int:
     out, report = blend(loras, [w for _, w in pairs], rank=args.rank)
     out.metadata.update(merged_metadata([(Path(p).name, lora.metadata) for (p, _), lora in zip(pairs, loras)]))
     out.metadata["lorasynth.blend_sources"] = json.dumps([[Path(p).name, w] for p, w in pairs])
-    written = save_lora(out, args.output, args.to)
+    save_lora(out, args.output, args.to)
     ranks = sorted(out.ranks)
-    print(f"wrote {written} ({args.to}, {len(out)} modules, rank {ranks[0]}..{ranks[-1]})")
+    print(f"wrote {args.output} ({args.to}, {len(out)} modules, rank {ranks[0]}..{ranks[-1]})")
     if args.rank is not None:
         print(f"rank-{args.rank} relative error: overall {report.overall_error:.3e}, worst module {report.max_error:.3e}")
     return 0
