@@ -547,6 +547,13 @@ def test_inspect_separates_file_metadata_from_inferred(tmp_path, capsys):
     assert "read from the weights:" in out and "file metadata (" in out
 
 
+def test_cli_offers_every_save_format():
+    from lorasynth.cli.lora_files import SAVE_FORMATS as CLI_FORMATS
+    from lorasynth.formats import SAVE_FORMATS
+
+    assert CLI_FORMATS == SAVE_FORMATS == ("kohya", "diffusers", "peft")
+
+
 def test_a1111_infotext(tmp_path):
     from lorasynth.cli.generate import infotext_fields
     from lorasynth.pipeline import GenerationSettings, format_parameters

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 from pathlib import Path
 
-import torch
-
-from ..blend import blend
 from ..errors import LorasynthError
-from ..formats import SAVE_FORMATS, load_lora, save_lora
-from ..formats import INFERRED_KEYS, FormatWarning, merged_metadata
 
+# formats the writers offer (lorasynth.formats.SAVE_FORMATS); spelled out so `--help` imports no torch
+SAVE_FORMATS = ("kohya", "diffusers", "peft")
 ALPHA_HELP = ("alpha of a peft adapter (overrides its adapter_config.json; needed when that file is missing: "
               "weights2weights LoRAs use 27); ignored for kohya/diffusers files, which carry their alphas")
 
@@ -57,6 +53,10 @@ def parse_weighted(item: str, default: float | None = None) -> tuple[str, float]
 
 def load_reporting(path, **kwargs):
     """``load_lora`` printing each FormatWarning as one ``lorasynth: warning:`` line on stderr."""
+    import warnings
+
+    from ..formats import FormatWarning, load_lora
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FormatWarning)
         lora = load_lora(path, **kwargs)
@@ -71,10 +71,14 @@ def load_reporting(path, **kwargs):
 def summarize(lora) -> dict:
     """What the reader inferred from the weights (top-level keys) and, apart, ``file_metadata``:
     the file's own header metadata exactly as stored (nothing lorasynth added)."""
+    import torch
+
+    from ..formats import INFERRED_KEYS
+
     mods = lora.modules
     fro = sum(m.delta(torch.float32).square().sum().item() for m in mods.values()) ** 0.5
     meta = lora.metadata
-    inferred = {
+    info = {
         "format": meta.get("lorasynth.source_format"),
         "modules": len(mods),
         "components": sorted(lora.components),
@@ -87,12 +91,14 @@ def summarize(lora) -> dict:
         "delta_frobenius_norm": fro,
     }
     if "lorasynth.warning" in meta:
-        inferred["warning"] = meta["lorasynth.warning"]
-    file_meta = {k: v for k, v in meta.items() if k not in INFERRED_KEYS}
-    return {**inferred, "file_metadata": file_meta}
+        info["warning"] = meta["lorasynth.warning"]
+    info["file_metadata"] = {k: v for k, v in meta.items() if k not in INFERRED_KEYS}
+    return info
 
 
 def cmd_inspect(args) -> int:
+    import torch
+
     lora = load_reporting(args.file, alpha=args.alpha)
     info = summarize(lora)
     if args.modules or args.json:
@@ -109,8 +115,9 @@ def cmd_inspect(args) -> int:
     for key, value in info.items():
         if key not in ("file_metadata", "module_list"):
             print(f"    {key:22s} {value}")
-    print(f"  file metadata ({len(info['file_metadata'])} keys):" if info["file_metadata"] else "  file metadata: none")
-    for k, v in info["file_metadata"].items():
+    file_meta = info["file_metadata"]
+    print(f"  file metadata ({len(file_meta)} keys):" if file_meta else "  file metadata: none")
+    for k, v in file_meta.items():
         v = " ".join(v.split())
         print(f"    {k:22s} {v[:100]}{'...' if len(v) > 100 else ''}")
     for row in info.get("module_list", []):
@@ -119,6 +126,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    from ..formats import save_lora
+
     lora = load_reporting(args.input, alpha=args.alpha)
     written = save_lora(lora, args.output, args.to)
     print(f"wrote {written} ({args.to}, {len(lora)} modules)")
@@ -126,6 +135,9 @@ def cmd_convert(args) -> int:
 
 
 def cmd_blend(args) -> int:
+    from ..blend import blend
+    from ..formats import merged_metadata, save_lora
+
     pairs = [parse_weighted(i) for i in args.items]
     loras = [load_reporting(p, alpha=args.alpha) for p, _ in pairs]
     out, report = blend(loras, [w for _, w in pairs], rank=args.rank)
