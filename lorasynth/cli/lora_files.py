@@ -19,14 +19,12 @@ def register(sub) -> None:
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--modules", action="store_true", help="list every module")
-    p.add_argument("--alpha", type=float, default=None, help=ALPHA_HELP)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("convert", help="convert a LoRA file between layouts (kohya, diffusers, peft)")
+    p = sub.add_parser("convert", help="convert a LoRA file between layouts (kohya, diffusers)")
     p.add_argument("input")
-    p.add_argument("output", help="output .safetensors file (for --to peft: a folder, or its adapter_model.safetensors)")
+    p.add_argument("output")
     p.add_argument("--to", choices=SAVE_FORMATS, default="kohya")
-    p.add_argument("--alpha", type=float, default=None, help=ALPHA_HELP)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("blend", help="weighted sum of LoRAs: FILE=WEIGHT ... (exact, or --rank R)")
@@ -34,8 +32,17 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--rank", type=int, default=None, help="truncate each module to this rank (optimal SVD)")
     p.add_argument("--to", choices=SAVE_FORMATS, default="kohya")
-    p.add_argument("--alpha", type=float, default=None, help=ALPHA_HELP)
     p.set_defaults(func=cmd_blend)
+    add_format_options(sub)
+
+
+def add_format_options(sub) -> None:
+    """Options every LoRA-file command shares: ``--alpha`` for peft adapters; peft output notes."""
+    for name in ("inspect", "convert", "blend"):
+        sub.choices[name].add_argument("--alpha", type=float, default=None, help=ALPHA_HELP)
+    sub.choices["convert"].epilog = ((sub.choices["convert"].epilog or "") +
+                                     "\n--to peft writes OUTPUT as a folder (adapter_model.safetensors + "
+                                     "adapter_config.json), or beside OUTPUT if it ends in .safetensors.").strip()
 
 
 def parse_weighted(item: str, default: float | None = None) -> tuple[str, float]:
