@@ -69,6 +69,9 @@ def start_comfyui(workdir: Path):
         sys.argv = argv
         if stub is not None and sys.modules.get("torchvision") is stub:
             del sys.modules["torchvision"]
+        # ComfyUI's top-level names (nodes, execution, app, tests, utils...) must not shadow others later
+        sys.path.remove(root)
+        sys.path.append(root)
     models = workdir / "models"
     for sub in ("checkpoints", "loras", "lorasynth"):
         (models / sub).mkdir(parents=True, exist_ok=True)
