@@ -409,3 +409,21 @@ def test_cli_install_links_the_pack_and_refuses_to_overwrite(tmp_path, capsys):
     link.mkdir()
     assert main(["comfyui", "install", str(comfy_dir)]) == 2  # a real folder in the way is never replaced
     assert main(["comfyui", "install", str(tmp_path)]) == 2  # not a ComfyUI folder
+
+
+def test_ui_format_workflow_is_the_api_workflow():
+    """``face_to_image.json`` (UI format, exported from ComfyUI's page) wires and sets the same nodes."""
+    api = json.loads(WORKFLOW.read_text())
+    ui = json.loads((WORKFLOWS_DIR / "face_to_image.json").read_text())
+    nodes = {str(n["id"]): n for n in ui["nodes"]}
+    links = {link[0]: (str(link[1]), link[2]) for link in ui["links"]}
+    assert set(nodes) == set(api)
+    for node_id, spec in api.items():
+        node = nodes[node_id]
+        assert node["type"] == spec["class_type"]
+        wired = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        assert wired == {k: (v[0], v[1]) for k, v in spec["inputs"].items() if isinstance(v, list)}, node_id
+        widgets = list(node.get("widgets_values") or [])
+        for value in (v for v in spec["inputs"].values() if not isinstance(v, list)):
+            assert value in widgets, (node_id, value)
+            widgets.remove(value)
