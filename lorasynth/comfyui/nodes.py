@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 CATEGORY = "lorasynth"
 #: ComfyUI model folder (``models/lorasynth``) holding synthesis model folders.
@@ -28,12 +29,16 @@ STRATEGY_CHOICES = ["diffusion", "blend", "nearest", "sample"]  # lorasynth.synt
 
 # --------------------------------------------------------------------------- ComfyUI folders
 def register_model_folder() -> None:
-    """Register ``models/lorasynth`` with ComfyUI's ``folder_paths`` (idempotent)."""
+    """Register ``models/lorasynth`` with ComfyUI's ``folder_paths`` (idempotent).
+
+    Paths given for ``lorasynth`` in ComfyUI's ``extra_model_paths.yaml`` are kept beside it.
+    """
     import folder_paths
 
-    if MODEL_FOLDER not in folder_paths.folder_names_and_paths:
-        path = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
-        folder_paths.folder_names_and_paths[MODEL_FOLDER] = ([path], set())
+    path = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
+    paths, _ = folder_paths.folder_names_and_paths.setdefault(MODEL_FOLDER, ([], set()))
+    if path not in paths:
+        paths.insert(0, path)
 
 
 def synthesis_model_names() -> list[str]:
@@ -65,6 +70,10 @@ def synthesis_model_path(name: str) -> str:
         if inside and os.path.isfile(os.path.join(path, MODEL_FILE)):
             return path
     raise ModelError(f"no lorasynth synthesis model {name!r} under models/{MODEL_FOLDER}")
+
+
+if "folder_paths" in sys.modules:  # imported by ComfyUI (it loads custom nodes after its own modules)
+    register_model_folder()
 
 
 # --------------------------------------------------------------------------- image helpers
