@@ -167,6 +167,9 @@ def test_example_workflow_runs_end_to_end_to_a_decoded_image(env):
     assert len(images) == 1
     image = np.asarray(Image.open(images[0]))
     assert image.shape == (64, 64, 3) and image.std() > 0
+    # the KSampler got the model and CLIP the Apply LoRA node patched: one patch per LoRA module (64, all UNet)
+    model, clip = (out[0] for out in env.executor.outputs["5"])
+    assert len(model.patches) == 64 and len(clip.patcher.patches) == 0
     faces = list((env.work / "temp").glob("*.png"))  # PreviewImage of the face crop
     assert len(faces) == 1 and Image.open(faces[0]).size[0] < 512
     # Save LoRA wrote a kohya file the stock LoraLoader lists, with lorasynth's provenance
