@@ -369,14 +369,20 @@ def fit(
     kwargs: dict[str, Any] = dict(ckpt_path=ckpt_path)
     if "weights_only" in inspect.signature(trainer.fit).parameters:  # Lightning >= 2.5
         kwargs["weights_only"] = True  # our checkpoints hold plain values only: never unpickle code
-    if isinstance(data, lightning.LightningDataModule):
-        trainer.fit(module, datamodule=data, **kwargs)
-    elif isinstance(data, (tuple, list)):
-        if len(data) != 2:
-            raise ValueError("data must be a DataLoader, a LightningDataModule or a (train, val) pair")
-        trainer.fit(module, train_dataloaders=data[0], val_dataloaders=data[1], **kwargs)
-    else:
-        trainer.fit(module, train_dataloaders=data, **kwargs)
+    if isinstance(data, (tuple, list)) and len(data) != 2:
+        raise ValueError("data must be a DataLoader, a LightningDataModule or a (train, val) pair")
+    train = data[0] if isinstance(data, (tuple, list)) else data
+    sampler = getattr(train, "sampler", None)
+    with warnings.catch_warnings():
+        if isinstance(sampler, StepSampler):  # resumes where it stopped: Lightning's warning does not apply
+            sampler.steps_done = lambda: trainer.global_step
+            warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch.*")
+        if isinstance(data, lightning.LightningDataModule):
+            trainer.fit(module, datamodule=data, **kwargs)
+        elif isinstance(data, (tuple, list)):
+            trainer.fit(module, train_dataloaders=data[0], val_dataloaders=data[1], **kwargs)
+        else:
+            trainer.fit(module, train_dataloaders=data, **kwargs)
     return trainer
 
 
@@ -404,6 +410,8 @@ class StepSampler(DistributedSampler):
         self.n, self.batch_size, self.steps, self.seed = int(n), int(batch_size), int(steps), int(seed)
         self.epoch = 0
         self.shuffle, self.drop_last = True, False
+        self.steps_done = None  # set by fit(): how many global batches a resumed run already trained
+        self._iterated = False
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -422,12 +430,19 @@ class StepSampler(DistributedSampler):
         rank, world, total = self._geometry()
         b, g = self.batch_size, self.batch_size * world
         lo, hi = rank * b, (rank + 1) * b
+        skip = 0  # a resumed run goes on with the batches after the ones it trained on
+        if not self._iterated and self.epoch == 0 and self.steps_done is not None:
+            skip = min(int(self.steps_done()), total // g) * g
+        self._iterated = True
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
         pos = 0
         while pos < total:
             perm = torch.randperm(self.n, generator=gen).tolist()
+            if pos + self.n <= skip:  # a whole permutation already trained on
+                pos += self.n
+                continue
             for i in perm[: total - pos]:
-                if lo <= pos % g < hi:
+                if pos >= skip and lo <= pos % g < hi:
                     yield i
                 pos += 1
 

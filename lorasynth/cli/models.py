@@ -29,10 +29,14 @@ def _trainer_flags(p, steps: int, batch: int, lr: float) -> None:
 def _train_config(args):
     from ..training import TrainConfig
 
+    from ..training import check_precision
+
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    return TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, devices=devices,
-                       accelerator=args.accelerator, strategy=args.strategy, num_nodes=args.num_nodes,
-                       precision=args.precision, progress=not args.no_progress)
+    cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, devices=devices,
+                      accelerator=args.accelerator, strategy=args.strategy, num_nodes=args.num_nodes,
+                      precision=args.precision, progress=not args.no_progress)
+    check_precision(cfg)  # before any folder is made
+    return cfg
 
 
 def _synthesis_flags(p) -> None:
@@ -123,6 +127,7 @@ def cmd_train_vae(args) -> int:
     from ..synthesis_model import MODEL_FILE, SynthesisModel
     from ..training import is_global_zero
 
+    train_cfg = _train_config(args)
     out = Path(args.out)
     rank0 = is_global_zero()  # under DDP every rank runs this command; rank 0 alone writes
     if args.resume and (out / MODEL_FILE).exists():
@@ -143,7 +148,7 @@ def cmd_train_vae(args) -> int:
             pack = open_pack(args.pack)
         model = SynthesisModel.create(out, pack, heldout_frac=args.holdout, seed=args.seed, save=rank0)
     t0 = time.perf_counter()
-    latent = train_latent(model, args.kind, args.latent_dim, _train_config(args), resume=args.resume)
+    latent = train_latent(model, args.kind, args.latent_dim, train_cfg, resume=args.resume)
     if not is_global_zero():
         return 0
     params = sum(p.numel() for p in latent.parameters()) if hasattr(latent, "parameters") else latent.latent_dim * latent.dim
