@@ -258,20 +258,21 @@ def test_library_train_shards_at_once_and_merge(tiny_pipeline_dir, tmp_path, cap
     lib_dir = tmp_path / "lib"
     Library.create(lib_dir, str(tiny_pipeline_dir), layout, embedder=None).close()
 
-    # two independent workers (a SLURM array, a k8s Job...) write into one library at once;
-    # the second trains each of its identities with DDP on two processes
+    # two independent workers (a SLURM array, a k8s Job...) write into one library at once: one in
+    # a subprocess that trains each of its identities with DDP on two processes, one in this process
     args = ["library", "train", str(lib_dir), "--identities", str(ids), "--steps", "2", "--resolution", "32",
             "--lr", "0.03", "--accelerator", "cpu", "--json"]
-    workers = [["--shard", "0/2", "--devices", "1"], ["--shard", "1/2", "--devices", "2", "--strategy", "ddp"]]
-    procs = [subprocess.Popen(_cmd(*args, *w), env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for w in workers]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (o, e) in zip(procs, outs):
-        assert p.returncode == 0, e[-3000:]
+    proc = subprocess.Popen(_cmd(*args, "--shard", "1/2", "--devices", "2", "--strategy", "ddp"), env=_env(),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    capsys.readouterr()
+    assert cli([*args, "--shard", "0/2", "--devices", "1"]) == 0
+    here = capsys.readouterr().out
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
     import json
 
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outs[1][0] + outs[1][1]
-    reports = [json.loads(o) for o, _ in outs]  # one JSON report per worker: DDP rank 1 printed nothing
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in out + err
+    reports = [json.loads(here), json.loads(out)]  # one JSON report per worker: DDP rank 1 printed nothing
     assert [sorted(t["name"] for t in r["trained"]) for r in reports] == [["ann", "cid"], ["ben", "dot"]]
     assert all(t["steps"] == 2 for r in reports for t in r["trained"])
     with Library.open(lib_dir) as lib:
