@@ -71,8 +71,10 @@ class TrainConfig:
 
     ``devices="auto"`` means 1 on CPU and every visible GPU otherwise; ``devices``,
     ``accelerator``, ``strategy``, ``num_nodes`` and ``precision`` are Lightning's own
-    arguments, passed through unchanged (e.g. ``devices=4, strategy="ddp"``).
-    ``batch_size`` is per device. ``ckpt_every`` (steps) rewrites ``last.ckpt`` during
+    arguments, passed through (e.g. ``devices=4, strategy="ddp"``; ``precision`` is checked
+    first by :func:`check_precision`).
+    ``batch_size`` is per device (one step uses ``batch_size x devices x num_nodes`` rows; see the
+    module docstring). ``ckpt_every`` (steps) rewrites ``last.ckpt`` during
     training; it is always written at the end as well.
     """
 
