@@ -216,6 +216,24 @@ def test_step_sampler_shards_global_batches(monkeypatch):
     assert list(resumed) == shares[1]  # only the first pass after resuming skips
 
 
+@pytest.mark.parametrize("env, zero", [
+    ({}, True),  # started by hand: Lightning spawns the others from it
+    ({"LOCAL_RANK": "1"}, False),  # spawned by Lightning's launcher
+    ({"NODE_RANK": "1"}, False), ({"NODE_RANK": "0", "LOCAL_RANK": "0"}, True),
+    ({"RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0"}, True), ({"RANK": "3", "LOCAL_RANK": "1"}, False),  # torchrun
+    ({"SLURM_NTASKS": "8", "SLURM_PROCID": "5"}, False), ({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}, True),
+    ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "LOCAL_RANK": "1"}, False),  # srun of one task, Lightning spawns
+])
+def test_rank_zero_before_the_process_group_starts(monkeypatch, env, zero):
+    from lorasynth.training import is_global_zero
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert is_global_zero() is zero
+
+
 def test_precision_flags(pack, tmp_path, capsys):
     from lorasynth.errors import ModelError
     from lorasynth.training import TrainConfig, check_precision
