@@ -91,69 +91,60 @@ def pack(tmp_path_factory) -> Path:
     return write_world_pack(world, tmp_path_factory.mktemp("ddp") / "pack")
 
 
-@pytest.fixture(scope="module")
-def single(pack, tmp_path_factory) -> Path:
+def train_single(pack: Path, out: Path) -> None:
     """The reference: one process, batch 64 (in this process: no start-up cost)."""
-    out = tmp_path_factory.mktemp("single") / "model"
     common = ["--steps", str(STEPS), "--batch-size", "64", "--accelerator", "cpu", "--devices", "1", "--no-progress"]
     assert cli(["train", "vae", "--pack", str(pack), "--out", str(out), *VAE, *common]) == 0
     assert cli(["train", "hypernet", "--model", str(out), *HYPER, *common]) == 0
-    return out
 
 
-@pytest.fixture(scope="module")
-def ddp(pack, tmp_path_factory) -> tuple[Path, list[subprocess.CompletedProcess]]:
+def train_ddp(pack: Path, out: Path) -> list[subprocess.CompletedProcess]:
     """Two processes (Lightning's launcher spawns rank 1), batch 32 per device: global batch 64."""
-    out = tmp_path_factory.mktemp("ddp") / "model"
     common = ["--steps", str(STEPS), "--batch-size", "32", "--accelerator", "cpu", "--devices", "2",
               "--strategy", "ddp", "--no-progress"]
-    procs = [run("train", "vae", "--pack", str(pack), "--out", str(out), *VAE, *common),
-             run("train", "hypernet", "--model", str(out), *HYPER, *common)]
-    return out, procs
+    return [run("train", "vae", "--pack", str(pack), "--out", str(out), *VAE, *common),
+            run("train", "hypernet", "--model", str(out), *HYPER, *common)]
 
 
-def test_ddp_runs_two_ranks_and_writes_once(ddp):
-    out, procs = ddp
+def test_train_vae_and_hypernet_with_ddp(pack, tmp_path, capsys):
+    """One test (not several sharing a fixture): under ``pytest -n 2`` a module fixture would be
+    built once per worker, and this is the expensive part of the file."""
+    out, single = tmp_path / "ddp", tmp_path / "single"
+    procs = train_ddp(pack, out)
+
+    # two ranks ran; one summary, one export, one log: rank 0's
     for proc, what in zip(procs, ("trained vae", "trained hypernetwork")):
         assert "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stdout + proc.stderr  # really two processes
-        assert (proc.stdout + proc.stderr).count(what) == 1, proc.stdout  # one summary: rank 0's
+        assert (proc.stdout + proc.stderr).count(what) == 1, proc.stdout
     assert sorted(p.name for p in (out / "latent").iterdir()) == ["vae.json", "vae.safetensors"]
     assert sorted(p.name for p in (out / "hypernet").iterdir()) == ["hypernet.json", "hypernet.safetensors"]
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*tmp*"))
     for part in ("vae", "hypernet"):
         run_dir = out / "train" / part
-        assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["version_0"]  # one logger: rank 0's
+        assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["version_0"]
         steps = [s for s, _ in losses(run_dir)]
         assert max(steps) == STEPS - 1  # --steps counts optimizer steps of the global batch
         assert (run_dir / "loss_curve.png").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
-
-
-def test_ddp_loss_falls(ddp):
-    out, _ = ddp
-    for part in ("vae", "hypernet"):
-        values = [v for _, v in losses(out / "train" / part)]
+        values = [v for _, v in losses(run_dir)]  # the loss falls
         k = max(1, len(values) // 4)
         assert np.mean(values[-k:]) < 0.9 * np.mean(values[:k]), (part, values)
 
-
-def test_ddp_model_matches_single_process_quality(ddp, single):
-    q_ddp, q_one = quality(ddp[0]), quality(single)
+    # as good on held-out rows as one process with the same global batch and steps
+    train_single(pack, single)
+    q_ddp, q_one = quality(out), quality(single)
     print({"ddp": q_ddp, "single": q_one})
-    # both learned something (beyond the mean LoRA), and equally well
-    assert q_one["recon"] > 0.5 and q_ddp["recon"] > 0.5
+    assert q_one["recon"] > 0.5 and q_ddp["recon"] > 0.5  # both learned (the mean LoRA scores ~0.39)
     assert abs(q_ddp["recon"] - q_one["recon"]) < 0.05, (q_ddp, q_one)
     assert abs(q_ddp["diffusion"] - q_one["diffusion"]) < 0.05, (q_ddp, q_one)
-    # the same global batches: validation on the same held-out rows gives close losses
-    val = [v for _, v in losses(ddp[0] / "train" / "vae", "val_loss")]
+    # validation (sharded over the ranks, averaged across them) on the same held-out rows: close losses
+    val = [v for _, v in losses(out / "train" / "vae", "val_loss")]
     val_one = [v for _, v in losses(single / "train" / "vae", "val_loss")]
     assert len(val) == len(val_one) and abs(val[-1] - val_one[-1]) < 0.1 * val_one[-1]
 
-
-def test_resume_after_a_ddp_run(ddp, capsys):
-    """The checkpoint of a 2-process run resumes (here in one process with batch 64: the same
-    global batch; Lightning checkpoints do not depend on the number of devices)."""
-    out, _ = ddp
+    # --resume from the 2-process run's checkpoint (here in one process with batch 64: the same
+    # global batch; Lightning checkpoints do not depend on the number of devices)
     before = (out / "hypernet" / "hypernet.safetensors").read_bytes()
+    capsys.readouterr()
     assert cli(["train", "hypernet", "--model", str(out), *HYPER, "--steps", str(STEPS + 10), "--batch-size", "64",
                 "--accelerator", "cpu", "--devices", "1", "--no-progress", "--resume"]) == 0
     assert capsys.readouterr().out.count("trained hypernetwork") == 1
