@@ -4,7 +4,7 @@ Both read the memory-mapped pack (bounded RAM) and train with Lightning (see
 :mod:`lorasynth.training`: checkpoint/resume, progress bar, loss-curve PNG, and
 ``devices``/``strategy``/``num_nodes`` passed straight to Lightning for DDP on GPUs).
 
-Under DDP every rank runs these functions; only rank 0 exports and writes ``model.json``,
+Under DDP every rank runs these functions; only rank 0 exports and writes ``lorasynth_model.json``,
 and every rank returns only after that (a barrier), so a command chained after this one
 finds the files on any rank.
 """

@@ -27,9 +27,7 @@ def _trainer_flags(p, steps: int, batch: int, lr: float) -> None:
 
 
 def _train_config(args):
-    from ..training import TrainConfig
-
-    from ..training import check_precision
+    from ..training import TrainConfig, check_precision
 
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, devices=devices,
