@@ -300,9 +300,8 @@ def test_library_train_shards_at_once_and_merge(tiny_pipeline_dir, tmp_path, cap
         lib.add(LoRA({k: LoRAModule(m.down * 3, m.up, m.alpha) for k, m in ann.modules.items()}), "ann",
                 source="clash")
     merged = tmp_path / "merged"
-    Library.create(merged, str(tiny_pipeline_dir), layout, embedder=None).close()
     capsys.readouterr()
-    assert cli(["library", "merge", str(merged), str(lib_dir), str(other), "--json"]) == 1  # the conflict
+    assert cli(["library", "merge", str(merged), str(lib_dir), str(other), "--create", "--json"]) == 1  # the conflict
     report = json.loads(capsys.readouterr().out)
     assert sorted(a["name"] for a in report["added"]) == names + ["eve"]
     assert [(d["name"], d["existing_name"]) for d in report["duplicates"]] == [("ann-again", "ann")]
@@ -314,5 +313,8 @@ def test_library_train_shards_at_once_and_merge(tiny_pipeline_dir, tmp_path, cap
             assert (got[e.name].blob, got[e.name].source, got[e.name].attributes) == (e.blob, e.source, e.attributes)
         assert got["eve"].attributes == {"age": 30}
         assert lib.verify().ok
+        assert (lib.base_model, lib.layout.signature) == (src.base_model, src.layout.signature)
     assert cli(["library", "merge", str(merged), str(lib_dir)]) == 0  # re-running adds nothing
     assert "0 added, 4 duplicates" in capsys.readouterr().out
+    assert cli(["library", "merge", str(merged), str(lib_dir), "--create"]) == 2  # it exists: a clear error
+    assert "already holds a library" in capsys.readouterr().err

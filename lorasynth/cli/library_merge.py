@@ -25,8 +25,10 @@ def register(sub) -> None:
                     "added with its name, source, attributes and embeddings (same blob checksum). Tensors LIBDIR "
                     "already holds are reported as duplicates; a name used by other weights is a conflict (exit 1).",
     )
-    p.add_argument("dir", metavar="LIBDIR", help="the library to merge into (must exist: `lorasynth library init`)")
+    p.add_argument("dir", metavar="LIBDIR", help="the library to merge into")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="libraries whose entries to add")
+    p.add_argument("--create", action="store_true",
+                   help="create LIBDIR first (base model, layout and embedder of the first SOURCE)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_merge)
 
@@ -38,8 +40,12 @@ def cmd_merge(args) -> int:
     from ..library.merge import merge_libraries
 
     with ExitStack() as stack:
-        dest = stack.enter_context(Library.open(args.dir))
         sources = [stack.enter_context(Library.open(s)) for s in args.sources]
+        if args.create:
+            first = sources[0]
+            dest = stack.enter_context(Library.create(args.dir, first.base_model, first.layout, first.embedder))
+        else:
+            dest = stack.enter_context(Library.open(args.dir))
         progress = None
         if sys.stderr.isatty():
             from tqdm.auto import tqdm
