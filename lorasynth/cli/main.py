@@ -16,7 +16,7 @@ from .. import __version__
 from ..errors import LorasynthError
 
 # command modules, in help order
-COMMAND_MODULES = ["lora_files", "generate", "faces", "library", "library_train", "models", "demo", "comfyui"]
+COMMAND_MODULES = ["lora_files", "generate", "faces", "library", "library_train", "library_merge", "models", "demo", "comfyui"]
 
 
 def build_parser() -> argparse.ArgumentParser:
