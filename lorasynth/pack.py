@@ -39,6 +39,7 @@ from safetensors.numpy import load_file, save_file
 from torch.utils.data import Dataset
 
 from .errors import LayoutError, LibraryError
+from .formats.safe_io import read_json
 from .layout import Layout
 
 PACK_VERSION = 1
@@ -410,11 +411,17 @@ class Pack:
         return np.load(self.path / EMBEDDINGS_FILE, mmap_mode="r")
 
     def read_rows(self, idx) -> np.ndarray:
-        """Raw vectors of rows ``idx`` as a new float32 array (pread; no mapping kept)."""
-        return self._vec_file.read_rows(idx)
+        """Raw vectors of rows ``idx`` as a new float32 array (pread; no mapping kept); NaN/Inf refused."""
+        return self._finite(self._vec_file.read_rows(idx), VECTORS_FILE)
 
     def read_embeddings(self, idx) -> np.ndarray:
-        return self._emb_file.read_rows(idx)
+        """Embeddings of rows ``idx`` (float32); NaN/Inf refused."""
+        return self._finite(self._emb_file.read_rows(idx), EMBEDDINGS_FILE)
+
+    def _finite(self, rows: np.ndarray, name: str) -> np.ndarray:
+        if not np.isfinite(rows).all():
+            raise LibraryError(f"pack {self.path}: {name} holds NaN/Inf values; re-pack the library (`lorasynth library pack`)")
+        return rows
 
     def standardize(self, raw: np.ndarray) -> np.ndarray:
         return ((np.asarray(raw, dtype=np.float32) - self.mean) / self.scale).astype(np.float32)
@@ -448,11 +455,8 @@ def open_pack(path: str | Path) -> Pack:
     for name in (META_FILE, VECTORS_FILE, STATS_FILE):
         if not (path / name).is_file():
             raise LibraryError(f"pack {path} is incomplete: {name} is missing")
-    try:
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LibraryError(f"pack {path}: {META_FILE} is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != "lorasynth-pack":
+    meta = read_json(path / META_FILE, "pack description", dict, error=LibraryError)
+    if meta.get("format") != "lorasynth-pack":
         raise LibraryError(f"pack {path}: {META_FILE} is not a lorasynth pack description")
     if meta.get("version") != PACK_VERSION:
         raise LibraryError(f"pack {path}: unsupported pack version {meta.get('version')!r} (expected {PACK_VERSION})")

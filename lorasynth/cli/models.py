@@ -181,10 +181,9 @@ def cmd_synthesize(args) -> int:
         print(selection.describe())
         source = Path(args.face).name
     else:
-        try:
-            embedding = np.load(args.embedding, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise LorasynthError(f"cannot read embedding {args.embedding}: {e}") from None
+        from ..embeddings import read_embedding_npy
+
+        embedding = read_embedding_npy(args.embedding, "embedding")
         source = Path(args.embedding).name
     t1 = time.perf_counter()
     results = syn.synthesize(embedding, _settings(args, args.strategy), source=source)

@@ -160,7 +160,7 @@ def _type_name(t) -> str:
 
 
 def parse_json(raw: bytes | str, what: str, expect: type | tuple[type, ...] | None = dict,
-               max_depth: int = MAX_JSON_DEPTH, error: type[Exception] = FormatError):
+               max_depth: int = MAX_JSON_DEPTH, error: type[Exception] = FormatError, invalid: str = "not valid JSON"):
     """Parse an untrusted JSON text strictly; ``what`` names it in the one-line error.
 
     UTF-8 only, nesting at most ``max_depth`` (checked before parsing), no duplicate keys,
@@ -180,9 +180,9 @@ def parse_json(raw: bytes | str, what: str, expect: type | tuple[type, ...] | No
     try:
         value = json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:
-        raise error(f"{what}: not JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise error(f"{what}: {invalid} ({e.msg} at line {e.lineno} column {e.colno})") from None
     except (ValueError, RecursionError, UnicodeError) as e:  # duplicate keys, 5000-digit integers, lone surrogates
-        raise error(f"{what}: not JSON ({e})") from None
+        raise error(f"{what}: {invalid} ({e})") from None
     if expect is not None:
         expected = expect if isinstance(expect, tuple) else (expect,)
         if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
@@ -298,7 +298,7 @@ def parse_safetensors_header(path: str | os.PathLike, raw: bytes, data_len: int)
     must hold exactly ``prod(shape) * itemsize`` bytes. ``__metadata__`` must map strings to strings.
     """
     path = Path(path)
-    header = parse_json(raw, f"{path}: safetensors header", dict)
+    header = parse_json(raw, f"{path}", dict, invalid="not a safetensors file (header is not JSON)")
     metadata = header.pop("__metadata__", None)
     if metadata is None:
         metadata = {}

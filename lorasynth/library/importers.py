@@ -24,6 +24,7 @@ from typing import Iterable
 
 import numpy as np
 
+from ..embeddings import read_embedding_npy
 from ..errors import LayoutError, LibraryError, LorasynthError
 from ..formats import load_lora
 from ..formats.w2w import W2WDataset
@@ -122,17 +123,7 @@ def scan_folder(folder: str | os.PathLike) -> list[FolderItem]:
 
 def read_embedding_file(path: str | os.PathLike, dim: int | None = None) -> np.ndarray:
     """A 1-D float embedding from a ``.npy`` file (never unpickled), unit-normalized."""
-    path = Path(path)
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise LibraryError(f"{path}: not a plain numeric .npy array ({e})") from None
-    except OSError as e:
-        raise LibraryError(f"{path}: cannot read: {e}") from None
-    vec = clean_embedding(arr, str(path))
-    if dim is not None and vec.size != dim:
-        raise LibraryError(f"{path}: embedding has {vec.size} dims, expected {dim}")
-    return vec
+    return read_embedding_npy(path, dim=dim, error=LibraryError)
 
 
 def read_attributes_file(path: str | os.PathLike) -> dict:

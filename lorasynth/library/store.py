@@ -46,6 +46,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..embeddings import check_embedding
 from ..errors import FormatError, LayoutError, LibraryError, LorasynthError
 from ..formats import save_lora
 from ..formats.common import most_common
@@ -308,17 +309,8 @@ def decode_blob(data: bytes, layout: Layout, source: str = "blob") -> LoRA:
 
 
 def clean_embedding(vec, what: str = "embedding") -> np.ndarray:
-    """A finite, non-zero 1-D vector as float32 with unit L2 norm (cosine = dot product)."""
-    v = np.asarray(vec)
-    if v.dtype.kind not in "fiu":
-        raise LibraryError(f"{what}: expected a numeric vector, got dtype {v.dtype}")
-    v = v.astype(np.float32).reshape(-1) if v.ndim == 2 and 1 in v.shape else v.astype(np.float32)
-    if v.ndim != 1 or v.size == 0:
-        raise LibraryError(f"{what}: expected a 1-D vector, got shape {tuple(np.shape(vec))}")
-    norm = float(np.linalg.norm(v))
-    if not np.isfinite(v).all() or not np.isfinite(norm) or norm == 0.0:
-        raise LibraryError(f"{what}: vector is zero or holds NaN/Inf")
-    return v / np.float32(norm)
+    """A finite, non-zero 1-D vector as float32 with unit L2 norm (cosine = dot product); see :mod:`lorasynth.embeddings`."""
+    return check_embedding(vec, what, error=LibraryError)
 
 
 def _is_busy(e: sqlite3.OperationalError) -> bool:
