@@ -172,8 +172,11 @@ def _numbered(path: Path, i: int, n: int) -> Path:
 
 
 def cmd_synthesize(args) -> int:
+    from ..formats.safe_io import check_output_path
     from ..synthesis import Synthesizer, write_synthesized
 
+    check_output_path(args.output)  # an unwritable -o fails before any work
+    _settings(args, args.strategy).validate()
     syn = Synthesizer(args.model, pack=args.pack, model_root=args.model_root)
     t0 = time.perf_counter()
     if args.face:
