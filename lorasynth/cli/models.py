@@ -175,19 +175,19 @@ def cmd_synthesize(args) -> int:
     from ..formats.safe_io import check_output_path
     from ..synthesis import Synthesizer, write_synthesized
 
-    check_output_path(args.output)  # an unwritable -o fails before any work
+    check_output_path(args.output)  # an unwritable -o or a bad embedding fails before any work
     _settings(args, args.strategy).validate()
-    syn = Synthesizer(args.model, pack=args.pack, model_root=args.model_root)
     t0 = time.perf_counter()
-    if args.face:
-        embedding, selection = syn.embed_photo(args.face, args.face_index)
-        print(selection.describe())
-        source = Path(args.face).name
-    else:
+    if not args.face:
         from ..embeddings import read_embedding_npy
 
         embedding = read_embedding_npy(args.embedding, "embedding")
         source = Path(args.embedding).name
+    syn = Synthesizer(args.model, pack=args.pack, model_root=args.model_root)
+    if args.face:
+        embedding, selection = syn.embed_photo(args.face, args.face_index)
+        print(selection.describe())
+        source = Path(args.face).name
     t1 = time.perf_counter()
     results = syn.synthesize(embedding, _settings(args, args.strategy), source=source)
     out = Path(args.output)
