@@ -9,6 +9,7 @@ archives, 2-D matrices, NaN/Inf, zero vectors and absurd norms are one-line erro
 from __future__ import annotations
 
 import os
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,6 @@ def read_embedding_npy(path: str | os.PathLike, what: str | None = None, dim: in
             arr = np.load(f, allow_pickle=False)
         except LorasynthError:
             raise
-        except (ValueError, OSError, EOFError, SyntaxError, TypeError, MemoryError) as e:
+        except (ValueError, OSError, EOFError, SyntaxError, TypeError, MemoryError, tokenize.TokenError) as e:
             raise error(f"{label}: not a plain numeric .npy array ({e})") from None
     return check_embedding(arr, label, dim, error)
