@@ -38,8 +38,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from torch.utils.data import Dataset
 
-from .errors import LayoutError, LibraryError
-from .formats.safe_io import read_json
+from .errors import LayoutError, LibraryError, OutputError
+from .formats.safe_io import ensure_folder, read_json
 from .layout import Layout
 
 PACK_VERSION = 1
@@ -230,8 +230,11 @@ class PackWriter:
 
     # -------------------------------------------------------------- lifecycle
     def __enter__(self) -> "PackWriter":
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.writing-", dir=self.out_dir.parent))
+        ensure_folder(self.out_dir.parent)
+        try:
+            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.writing-", dir=self.out_dir.parent))
+        except OSError as e:
+            raise OutputError(f"{self.out_dir}: cannot write here: {e.strerror or e}") from None
         self._vectors = _create_npy(self._tmp / VECTORS_FILE, self.n, self.dim)
         self._embeddings = _create_npy(self._tmp / EMBEDDINGS_FILE, self.n, self.embed_dim)
         return self

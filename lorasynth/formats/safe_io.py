@@ -397,7 +397,7 @@ def _read_with_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise FormatError(f"{path}: cannot read safetensors data: {e}") from None
 
 
-def _umask() -> int:
+def _umask() -> int:  # noqa: D401 (shared with the library store)
     """The process umask, read without changing it (Linux: /proc), else by the set-and-restore dance."""
     try:
         with open("/proc/self/status", "rb") as f:
@@ -457,6 +457,26 @@ def check_output_path(path: str | os.PathLike) -> Path:
         if not stat.S_ISDIR(st.st_mode):
             raise OutputError(f"{path}: cannot write here: {folder} is a file, not a folder")
         break
+    return path
+
+
+def ensure_folder(path: str | os.PathLike) -> Path:
+    """Create folder ``path`` (and its parents) for output; an impossible one is one OutputError line."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        try:
+            st = os.stat(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:
+            raise _output_error(path, e) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise OutputError(f"{path}: cannot create this folder: {folder} is a file, not a folder")
+        break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _output_error(path, e) from None
     return path
 
 
