@@ -345,6 +345,7 @@ class Failure:
     case: str
     command: list[str]
     why: str
+    where: str = ""  # innermost lorasynth source line of an escaped exception
 
     def line(self) -> str:
         return f"{self.case}: lorasynth {' '.join(self.command)}: {self.why}"
@@ -383,8 +384,10 @@ class Harness:
         except SystemExit as e:
             rc = e.code if isinstance(e.code, int) else 2
         except BaseException as e:  # noqa: BLE001 - the point of the harness
-            tb = traceback.format_exception(type(e), e, e.__traceback__)
-            self.failures.append(Failure(case, argv, f"{type(e).__name__}: {str(e)[:200]} | {tb[-2].strip()[:300]}"))
+            frames = [f for f in traceback.extract_tb(e.__traceback__) if "/lorasynth/" in f.filename]
+            where = f"{frames[-1].filename.split('/lorasynth/')[-1]}:{frames[-1].lineno}" if frames else "?"
+            self.failures.append(Failure(case, argv, f"{type(e).__name__}: {str(e)[:200]} at lorasynth/{where}",
+                                         f"lorasynth/{where.split(':')[0]}"))
             return None
         if rc not in expect:
             self.failures.append(Failure(case, argv, f"exit {rc}, expected {expect}; stderr {err.getvalue()[-300:]!r}"))
@@ -581,4 +584,8 @@ def run_cases(root: Path, n_random: int, seed: int = 0, fixed: bool = True, quic
     for case in random_cases(n_random, seed):
         h.case(case)
         tried += 1
-    return {"cases": tried, "commands": h.runs, "failures": len(h.failures), "failure_lines": [f.line() for f in h.failures]}
+    by_file: dict[str, int] = {}
+    for f in h.failures:
+        by_file[f.where or "(no exception)"] = by_file.get(f.where or "(no exception)", 0) + 1
+    return {"cases": tried, "commands": h.runs, "failures": len(h.failures), "failures_by_file": by_file,
+            "failure_lines": [f.line() for f in h.failures]}
