@@ -397,7 +397,7 @@ def _read_with_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise FormatError(f"{path}: cannot read safetensors data: {e}") from None
 
 
-def _umask() -> int:  # noqa: D401 (shared with the library store)
+def current_umask() -> int:
     """The process umask, read without changing it (Linux: /proc), else by the set-and-restore dance."""
     try:
         with open("/proc/self/status", "rb") as f:
@@ -507,7 +507,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             try:
                 mode = stat.S_IMODE(os.stat(path).st_mode)
             except OSError:
-                mode = 0o666 & ~_umask()
+                mode = 0o666 & ~current_umask()
             os.chmod(tmp, mode)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())

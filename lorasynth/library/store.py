@@ -53,7 +53,7 @@ from ..errors import FormatError, LayoutError, LibraryError, LorasynthError
 from ..formats import save_lora
 from ..formats.common import most_common
 from ..formats.keys import kohya_name
-from ..formats.safe_io import SAFETENSORS_DTYPES, _umask, parse_json
+from ..formats.safe_io import SAFETENSORS_DTYPES, current_umask, parse_json
 from ..layout import Layout
 from ..lora import LoRA, LoRAModule
 
@@ -760,7 +760,7 @@ class Library:
         tmp_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".blob.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=tmp_dir)
         try:
-            os.fchmod(fd, 0o666 & ~_umask())  # libraries are shared: not mkstemp's 0600
+            os.fchmod(fd, 0o666 & ~current_umask())  # libraries are shared: not mkstemp's 0600
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 if self.config.fsync:
