@@ -150,3 +150,34 @@ def test_bad_embeddings_are_refused(vec, why):
     with pytest.raises(LorasynthError, match=why):
         check_embedding(vec)
     assert np.isclose(np.linalg.norm(check_embedding(np.arange(1, 9))), 1.0)
+
+
+def test_pack_with_nan_embeddings_is_refused(tmp_path):
+    from lorasynth.pack import EMBEDDINGS_FILE, PackWriter, open_pack
+
+    lora = sd15_lora(NAMES, rank=1)
+    layout = Layout.from_lora(lora)
+    vec = layout.flatten(lora).numpy()[None].repeat(3, axis=0)
+    with PackWriter(tmp_path / "p", layout, n=3, embed_dim=4, embedder="dlib") as w:
+        w.add_batch(vec, np.ones((3, 4), np.float32), ["a", "b", "c"])
+    emb = np.load(tmp_path / "p" / EMBEDDINGS_FILE, mmap_mode="r+")
+    emb[1, 2] = np.nan
+    emb.flush()
+    del emb
+    pack = open_pack(tmp_path / "p")
+    assert pack.read_embeddings([0]).shape == (1, 4)
+    with pytest.raises(LibraryError, match="NaN"):
+        pack.read_embeddings([0, 1])
+
+
+def test_train_ids_outside_the_pack_are_a_clear_error():
+    from types import SimpleNamespace
+
+    from lorasynth.errors import ModelError
+    from lorasynth.synthesis import Synthesizer
+
+    fake = SimpleNamespace(model=SimpleNamespace(info=SimpleNamespace(train_ids=[0, 5, 99]), path="M"), pack=[0] * 10)
+    with pytest.raises(ModelError, match="train_ids do not index"):
+        Synthesizer.train_rows.fget(fake)
+    fake.model.info.train_ids = [0, 9]
+    assert Synthesizer.train_rows.fget(fake).tolist() == [0, 9]
