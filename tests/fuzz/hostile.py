@@ -511,7 +511,8 @@ class Harness:
             self.run(case.name, ["blend", f"{self.good}=1", "-o", str(target)], expect=expect)
             self.run(case.name, ["library", "export", str(self.lib), "1", str(target)], expect=(2,) if expect == (2,) else (0, 2))
             self.run(case.name, ["synthesize", "--model", str(d), "--embedding", str(self.good_npy), "-o", str(target)], expect=(2,))
-            self.run(case.name, ["embed", str(self.good), "--out", str(target)], expect=(2,))
+            if expect == (2,):  # (as root the read-only folder is writable: embed would load a face model first)
+                self.run(case.name, ["embed", str(self.good), "--out", str(target)], expect=(2,))
         finally:
             if case.name == "out-readonly-dir":
                 target.parent.chmod(0o755)
