@@ -314,8 +314,9 @@ def decode_blob(data: bytes, layout: Layout, source: str = "blob") -> LoRA:
             modules[spec.name] = LoRAModule(
                 tensor(f"{k}.lora_down.weight", spec.down_shape), tensor(f"{k}.lora_up.weight", spec.up_shape), alpha
             )
-    except (KeyError, ValueError, TypeError, IndexError, struct.error, json.JSONDecodeError, RuntimeError, FormatError) as e:
-        raise LibraryError(f"{source}: unreadable blob: {type(e).__name__}: {e}") from None
+    except (KeyError, ValueError, TypeError, IndexError, struct.error, json.JSONDecodeError, RuntimeError, FormatError,
+            RecursionError) as e:
+        raise LibraryError(f"{source}: unreadable blob: {type(e).__name__}: {str(e)[:200]}") from None
     return LoRA(modules)
 
 

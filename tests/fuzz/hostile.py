@@ -218,7 +218,8 @@ def fixed_cases() -> list[Case]:
         add(name, text.encode(), "layout")
     # libraries received from others
     for name in ("lib-traversal", "lib-absolute", "lib-types", "lib-attributes-deep", "lib-attributes-notjson",
-                 "lib-malformed-db", "lib-not-a-db", "lib-truncated-db", "lib-embedding-garbage", "lib-layout-garbage"):
+                 "lib-malformed-db", "lib-not-a-db", "lib-truncated-db", "lib-embedding-garbage", "lib-layout-garbage",
+                 "lib-crafted-blob-deep", "lib-crafted-blob-short", "lib-crafted-blob-offsets"):
         out.append(Case(name, "library"))
     # output paths
     for name in ("out-under-file", "out-onto-dir", "out-fifo", "out-readonly-dir"):
@@ -541,6 +542,26 @@ class Harness:
             elif name == "lib-embedding-garbage":
                 conn.execute("INSERT OR REPLACE INTO embeddings (entry_id, embedder, dim, vector) "
                              "SELECT id, 'dlib', 'x', 'not bytes' FROM entries")
+            elif name.startswith("lib-crafted-blob"):  # a blob whose name is its true hash, but hostile content
+                digest = conn.execute("SELECT blob FROM entries WHERE id = (SELECT MIN(id) FROM entries)").fetchone()[0]
+                raw = (lib / "blobs" / digest[:2] / f"{digest}.safetensors").read_bytes()
+                (n,) = struct.unpack("<Q", raw[:8])
+                if name.endswith("deep"):
+                    blob = join(None, b"", b'{"a":' + b"[" * 100000 + b"]" * 100000 + b"}")
+                elif name.endswith("short"):
+                    blob = raw[: 8 + n + 100]
+                else:
+                    hdr = json.loads(raw[8 : 8 + n])
+                    for v in hdr.values():
+                        if isinstance(v, dict) and "data_offsets" in v:
+                            v["data_offsets"] = [x + 1_000_000 for x in v["data_offsets"]]
+                    blob = join(hdr, raw[8 + n :])
+                import hashlib
+
+                h = hashlib.sha256(blob).hexdigest()
+                (lib / "blobs" / h[:2]).mkdir(exist_ok=True)
+                (lib / "blobs" / h[:2] / f"{h}.safetensors").write_bytes(blob)
+                conn.execute("UPDATE entries SET blob = ? WHERE id = (SELECT MIN(id) FROM entries)", (h,))
             elif name == "lib-layout-garbage":
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'layout'", ("[" * 100000 + "]" * 100000,))
             conn.commit()
