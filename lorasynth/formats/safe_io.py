@@ -121,23 +121,29 @@ def read_input_bytes(path: str | os.PathLike, what: str = "file", limit: int | N
 # --------------------------------------------------------------------------- JSON
 
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_KEEP = b'[]{}"'
+_DROP = bytes(c for c in range(256) if c not in _KEEP)
 _OPEN, _CLOSE = np.zeros(256, np.int8), np.zeros(256, np.int8)
 _OPEN[[ord("["), ord("{")]] = 1
 _CLOSE[[ord("]"), ord("}")]] = 1
 
 
 def json_depth(raw: bytes | str) -> int:
-    """The deepest bracket nesting of a JSON text (strings skipped), in C-speed passes.
+    """The deepest bracket nesting of a JSON text (strings skipped), in a few C-speed passes.
 
-    Lets deep nesting be refused *before* ``json.loads`` recurses into it.
+    Lets deep nesting be refused *before* ``json.loads`` recurses into it. Escaped backslashes
+    and quotes are dropped first, then everything but brackets and quotes, then the strings.
+    (For invalid JSON the count may be off; ``json.loads`` then refuses the text anyway.)
     """
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogatepass")
+    raw = bytes(raw)
     if b"[" not in raw and b"{" not in raw:
         return 0
-    stripped = _JSON_STRING.sub(b"", raw)
-    arr = np.frombuffer(stripped, dtype=np.uint8)
+    if b"\\" in raw:
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    brackets = b"".join(raw.translate(None, _DROP).split(b'"')[0::2])
+    arr = np.frombuffer(brackets, dtype=np.uint8)
     steps = _OPEN[arr].astype(np.int32) - _CLOSE[arr]
     return int(np.cumsum(steps).max(initial=0))
 
@@ -160,11 +166,13 @@ def _type_name(t) -> str:
 
 
 def parse_json(raw: bytes | str, what: str, expect: type | tuple[type, ...] | None = dict,
-               max_depth: int = MAX_JSON_DEPTH, error: type[Exception] = FormatError, invalid: str = "not valid JSON"):
+               max_depth: int = MAX_JSON_DEPTH, error: type[Exception] = FormatError, invalid: str = "not valid JSON",
+               unique_keys: bool = True):
     """Parse an untrusted JSON text strictly; ``what`` names it in the one-line error.
 
     UTF-8 only, nesting at most ``max_depth`` (checked before parsing), no duplicate keys,
-    and a top-level value of type ``expect`` (``None``: any).
+    and a top-level value of type ``expect`` (``None``: any). ``unique_keys=False`` skips the
+    duplicate-key check (faster; for formats whose own checks catch a repeated key).
     """
     if isinstance(raw, (bytes, bytearray, memoryview)):
         try:
@@ -178,7 +186,7 @@ def parse_json(raw: bytes | str, what: str, expect: type | tuple[type, ...] | No
     if depth > max_depth:
         raise error(f"{what}: JSON nested {depth} levels deep (limit {max_depth}); refusing it")
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates)
+        value = json.loads(text, object_pairs_hook=_no_duplicates) if unique_keys else json.loads(text)
     except json.JSONDecodeError as e:
         raise error(f"{what}: {invalid} ({e.msg} at line {e.lineno} column {e.colno})") from None
     except (ValueError, RecursionError, UnicodeError) as e:  # duplicate keys, 5000-digit integers, lone surrogates
@@ -298,7 +306,7 @@ def parse_safetensors_header(path: str | os.PathLike, raw: bytes, data_len: int)
     must hold exactly ``prod(shape) * itemsize`` bytes. ``__metadata__`` must map strings to strings.
     """
     path = Path(path)
-    header = parse_json(raw, f"{path}", dict, invalid="not a safetensors file (header is not JSON)")
+    header = parse_json(raw, f"{path}", dict, invalid="not a safetensors file (header is not JSON)", unique_keys=False)
     metadata = header.pop("__metadata__", None)
     if metadata is None:
         metadata = {}
