@@ -69,6 +69,7 @@ def load_image_scaled(
                 _check_size(p, im.size, max_pixels)
                 im.seek(0)
                 full = im.size
+                orientation = _orientation(im)  # read before any reduce: a reduced copy has no EXIF
                 if decode_pixels is not None and full[0] * full[1] > decode_pixels and im.format == "JPEG":
                     k = (full[0] * full[1] / decode_pixels) ** 0.5
                     im.draft("RGB", (max(1, int(full[0] / k)), max(1, int(full[1] / k))))
@@ -77,11 +78,11 @@ def load_image_scaled(
                     factor = int(np.ceil((im.size[0] * im.size[1] / decode_pixels) ** 0.5))
                     im = im.reduce(factor)
                 sx, sy = full[0] / im.size[0], full[1] / im.size[1]
-                oriented = ImageOps.exif_transpose(im, in_place=False) if _needs_transpose(im) else im
-                if oriented.size != im.size:  # rotated by 90 degrees: the axes swap
-                    sx, sy = sy, sx
-                rgb = pil_to_rgb(oriented)
-                return rgb, (sx, sy)
+                if orientation in _TRANSPOSE:
+                    im = im.transpose(_TRANSPOSE[orientation])
+                    if orientation >= 5:  # rotated by 90 degrees: the axes swap
+                        sx, sy = sy, sx
+                return pil_to_rgb(im), (sx, sy)
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{p} refused: image is too large to decode safely ({exc})") from exc
     except ImageError:
@@ -92,11 +93,20 @@ def load_image_scaled(
         raise ImageError(f"{p} is not a readable image: {exc}") from exc
 
 
-def _needs_transpose(im: Image.Image) -> bool:
+#: EXIF orientation -> the transposition that makes the image upright (as ImageOps.exif_transpose)
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright; unreadable EXIF counts as upright)."""
     try:
-        return im.getexif().get(0x0112, 1) not in (1, None)  # EXIF Orientation
+        value = im.getexif().get(0x0112, 1)
+        return value if isinstance(value, int) else 1
     except (OSError, ValueError, SyntaxError, TypeError, KeyError, struct.error):
-        return False
+        return 1
 
 
 def _check_size(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
