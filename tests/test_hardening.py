@@ -181,3 +181,24 @@ def test_train_ids_outside_the_pack_are_a_clear_error():
         Synthesizer.train_rows.fget(fake)
     fake.model.info.train_ids = [0, 9]
     assert Synthesizer.train_rows.fget(fake).tolist() == [0, 9]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_big_photos_are_decoded_smaller_with_the_scale_back_to_full_size(tmp_path, fmt):
+    from PIL import Image
+
+    from lorasynth.faces.images import load_image, load_image_scaled
+
+    a = np.zeros((1000, 2000, 3), np.uint8)
+    a[:100, :200] = 255  # a white block in the stored top-left corner
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6  # displayed rotated: the block ends up top-right
+    path = tmp_path / f"big.{fmt.lower()}"
+    im.save(path, format=fmt, exif=exif.tobytes())
+    full = load_image(path)
+    small, (sx, sy) = load_image_scaled(path, decode_pixels=200_000)
+    assert full.shape == (2000, 1000, 3) and small.shape[0] * small.shape[1] <= 1.25 * 200_000
+    assert sx == pytest.approx(full.shape[1] / small.shape[1]) and sy == pytest.approx(full.shape[0] / small.shape[0])
+    f, s = np.argwhere(full[..., 0] > 200), np.argwhere(small[..., 0] > 200)
+    assert np.abs(f.max(0) - (s.max(0) + 1) * [sy, sx]).max() <= 2 * max(sx, sy)
