@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import tokenize
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -443,7 +444,7 @@ def _open_rows(path: Path, name: str, shape: tuple[int, int]) -> _RowFile:
     """Open the pack's row file ``name`` and check it holds ``shape`` (rows, columns)."""
     try:
         rows = _RowFile.open(path / name)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, SyntaxError, tokenize.TokenError) as e:  # a garbled .npy header
         raise LibraryError(f"pack {path}: {name} is unreadable ({e})") from None
     if (rows.n_rows, rows.n_cols) != shape:
         raise LibraryError(f"pack {path}: {name} has shape {(rows.n_rows, rows.n_cols)}, expected {shape}")

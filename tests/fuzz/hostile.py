@@ -221,6 +221,13 @@ def fixed_cases() -> list[Case]:
                  "lib-malformed-db", "lib-not-a-db", "lib-truncated-db", "lib-embedding-garbage", "lib-layout-garbage",
                  "lib-crafted-blob-deep", "lib-crafted-blob-short", "lib-crafted-blob-offsets"):
         out.append(Case(name, "library"))
+    # packs received from others (pack.json fields, row files, stats)
+    for field_name in ("n", "dim", "embed_dim", "ids", "layout", "layout_signature", "format", "version"):
+        for value in (None, -1, 2**40, "x", [], {}, [[1]]):
+            out.append(Case(f"pack-json-{field_name}={str(value)[:10]}", "pack", None, {"field": field_name, "value": value}))
+    for damage in ("json-deep", "json-list", "json-notutf8", "vectors-header", "vectors-cut", "embeddings-nan",
+                   "embeddings-cut", "stats-garbage", "stats-cut", "vectors-missing"):
+        out.append(Case(f"pack-{damage}", "pack", None, {"damage": damage}))
     # output paths
     for name in ("out-under-file", "out-onto-dir", "out-fifo", "out-readonly-dir"):
         out.append(Case(name, "output"))
@@ -313,13 +320,16 @@ def random_cases(n: int, seed: int = 0) -> Iterator[Case]:
     bases = {"kohya": lora_bytes("kohya"), "diffusers": lora_bytes("diffusers")}
     pb, cfg = peft_bytes()
     for i in range(n):
-        kind = rng.choice(["kohya", "kohya", "diffusers", "peft", "npy", "config"])
+        kind = rng.choice(["kohya", "kohya", "diffusers", "peft", "npy", "config", "pack"])
         if kind in bases:
             what, data = mutate(rng, bases[kind])
             yield Case(f"r{seed}-{i}-{kind}-{what}", "lora", data)
         elif kind == "peft":
             what, data = mutate(rng, pb)
             yield Case(f"r{seed}-{i}-peft-{what}", "adapter", data, {"config": json.dumps(cfg).encode()})
+        elif kind == "pack":
+            target = rng.choice(["pack.json", "vectors.npy", "embeddings.npy", "stats.safetensors"])
+            yield Case(f"r{seed}-{i}-pack-{target}", "pack", None, {"flip": (target, rng.randrange(2**32))})
         elif kind == "config":
             c = dict(cfg)
             k = rng.choice(["r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern"])
@@ -471,6 +481,70 @@ class Harness:
         shutil.copy(self.good, folder / f"a{self._n}.safetensors")
         (folder / f"a{self._n}.json").write_bytes(case.data)  # the same hostile JSON as an attributes sidecar
         self.run(case.name, ["library", "import", str(self.lib), str(folder)])
+
+    def _pack(self, case: Case, d: Path) -> None:
+        """Packs are read by the Python API (training and synthesis open them): only project errors may escape."""
+        from lorasynth.errors import LorasynthError
+        from lorasynth.pack import open_pack
+
+        good = self.root / "pack"
+        if not good.exists():
+            self.run("setup", ["library", "pack", str(self.lib), str(good)], expect=(0,))
+        pack = d / "pack"
+        shutil.copytree(good, pack)
+        meta_path = pack / "pack.json"
+        damage = case.extra.get("damage")
+        if "field" in case.extra:
+            meta = json.loads(meta_path.read_text())
+            meta[case.extra["field"]] = case.extra["value"]
+            meta_path.write_text(json.dumps(meta))
+        elif "flip" in case.extra:
+            target, flip_seed = case.extra["flip"]
+            frng = random.Random(flip_seed)
+            raw = bytearray((pack / target).read_bytes())
+            for _ in range(frng.randint(1, 6)):
+                raw[frng.randrange(min(len(raw), 300))] = frng.randrange(256)
+            if frng.random() < 0.3:
+                raw = raw[: frng.randrange(len(raw))]
+            (pack / target).write_bytes(bytes(raw))
+        elif damage == "json-deep":
+            meta_path.write_bytes(b"[" * 100000 + b"]" * 100000)
+        elif damage == "json-list":
+            meta_path.write_text("[1, 2]")
+        elif damage == "json-notutf8":
+            meta_path.write_bytes(b'{"format": "\xff"}')
+        elif damage == "vectors-header":
+            raw = bytearray((pack / "vectors.npy").read_bytes())
+            raw[20:60] = b"{'descr': '<f4', 'shape': (-5, 999999999999), }"[:40]
+            (pack / "vectors.npy").write_bytes(bytes(raw))
+        elif damage == "vectors-cut":
+            (pack / "vectors.npy").write_bytes((pack / "vectors.npy").read_bytes()[:200])
+        elif damage == "vectors-missing":
+            (pack / "vectors.npy").unlink()
+        elif damage == "embeddings-nan":
+            emb = np.load(pack / "embeddings.npy", mmap_mode="r+")
+            emb[0, 0] = np.nan
+            emb.flush()
+            del emb
+        elif damage == "embeddings-cut":
+            (pack / "embeddings.npy").write_bytes((pack / "embeddings.npy").read_bytes()[:150])
+        elif damage == "stats-garbage":
+            (pack / "stats.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage garbage}")
+        elif damage == "stats-cut":
+            (pack / "stats.safetensors").write_bytes((pack / "stats.safetensors").read_bytes()[:100])
+        self.runs += 1
+        try:
+            p = open_pack(pack)
+            rows = list(range(len(p)))
+            p.read_rows(rows)
+            p.read_embeddings(rows)
+        except LorasynthError:
+            pass
+        except BaseException as e:  # noqa: BLE001
+            frames = [f for f in traceback.extract_tb(e.__traceback__) if "/lorasynth/" in f.filename]
+            where = f"{frames[-1].filename.split('/lorasynth/')[-1]}:{frames[-1].lineno}" if frames else "?"
+            self.failures.append(Failure(case.name, ["open_pack", str(pack)], f"{type(e).__name__}: {str(e)[:200]} at lorasynth/{where}",
+                                         f"lorasynth/{where.split(':')[0]}"))
 
     def _special(self, case: Case, d: Path) -> None:
         target = {
