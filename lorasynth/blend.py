@@ -33,6 +33,7 @@ class BlendReport:
     rank: int | None
     module_errors: dict[str, float] = field(default_factory=dict)
     overall_error: float = 0.0
+    requested_rank: int | None = None  # when larger than any module can hold, ``rank`` is the cap
 
     @property
     def max_error(self) -> float:
@@ -56,7 +57,9 @@ def blend(
     """``sum_i weights[i] * dW_i`` over the union of modules (a module absent from a LoRA counts as 0).
 
     ``rank=None`` is exact (output rank per module = sum of input ranks). ``rank=r``
-    truncates each module to rank r optimally and reports the error. Output factors
+    truncates each module to rank r optimally and reports the error; an ``r`` above what
+    any module can hold (``min(sum of input ranks, out, in)``) is capped there, since the
+    rest would be zero padding (``report.requested_rank`` keeps the request). Output factors
     have alpha = rank (scale 1); ``dtype`` defaults to the promoted input dtype.
     """
     if len(loras) != len(weights) or not loras:
@@ -79,13 +82,15 @@ def blend(
     if rank is None:
         modules = {n: module_from_factors(b, a, like, out_dtype) for n, (b, a, like) in stacked.items()}
         return LoRA(modules, _blend_metadata(weights, rank)), BlendReport(rank)
+    requested = rank
+    rank = min(rank, max(min(b.shape[0], b.shape[1], a.shape[1]) for b, a, _ in stacked.values()))
 
     # truncation: one batched QR/SVD per group of modules with equal factor shapes
     groups: dict[tuple, list[str]] = {}
     for n, (b, a, _) in stacked.items():
         groups.setdefault((tuple(b.shape), tuple(a.shape)), []).append(n)
     modules = {}
-    report = BlendReport(rank)
+    report = BlendReport(rank, requested_rank=requested if requested != rank else None)
     discarded_sq = total_sq = 0.0
     for group in groups.values():
         u, s, vh = factored_svd(torch.stack([stacked[n][0] for n in group]), torch.stack([stacked[n][1] for n in group]))

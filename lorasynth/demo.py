@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .formats.safe_io import write_text
+from .formats.safe_io import atomic_write, write_text
 
 
 @dataclass
@@ -106,7 +106,7 @@ def demo_photos(folder: Path, n_identities: int) -> list[Path]:
         d = folder / ("astronaut" if i == 0 else f"t1_person{i}")
         d.mkdir(exist_ok=True)
         for j, p in enumerate(photos):
-            p.save(d / f"{j}.jpg", quality=95)
+            atomic_write(d / f"{j}.jpg", lambda f, p=p: p.save(f, format="JPEG", quality=95))
         dirs.append(d)
     return dirs
 
@@ -145,7 +145,7 @@ def build_library(work: Path, base_dir: Path, cfg: DemoConfig, clock: _Clock):
     tcfg = IdentityTrainConfig(steps=cfg.train_steps, resolution=cfg.train_resolution, lr=1e-3, seed=cfg.seed)
     report = train_identities(lib, identities, base=pipe, cfg=tcfg, work_dir=work / "train_work")
     clock.lap(f"library train: {cfg.trained_identities} identities on real photos ({cfg.train_steps} steps each)")
-    done.write_text(json.dumps({"trained": str(report)[:500]}))
+    write_text(done, json.dumps({"trained": str(report)[:500]}))
     return lib, layout, pipe
 
 
@@ -172,7 +172,7 @@ def train_models(work: Path, lib, cfg: DemoConfig, clock: _Clock):
                                       ckpt_every=10**9),
                    {"width": cfg.hypernet_width, "depth": cfg.hypernet_depth})
     clock.lap(f"train hypernetwork ({cfg.hypernet_steps} steps)")
-    (work / "model.done").write_text("ok")
+    write_text(work / "model.done", "ok")
     return model
 
 
@@ -201,7 +201,7 @@ def latent_map(syn, synthesized: np.ndarray, path: Path, real_ids: set[str]) -> 
     ax.set_title("LoRA latent space (2-D PCA of VAE means)", fontsize=10)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
     return path
 
@@ -215,9 +215,7 @@ def preview_grid(images: list[tuple[str, "Image.Image"]], path: Path) -> Path:
     for i, (label, im) in enumerate(images):
         grid.paste(im, (i * w, 18))
         draw.text((i * w + 3, 3), label, fill="black")
-    with open(path, "wb") as f:
-        grid.save(f, format="PNG")
-    return path
+    return atomic_write(path, lambda f: grid.save(f, format="PNG"))
 
 
 def run_demo(out: str | Path = "demo_out", cfg: DemoConfig | None = None, cache: str | Path | None = None) -> dict:

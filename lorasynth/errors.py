@@ -31,3 +31,10 @@ class ModelError(LorasynthError):
 
 class LibraryError(LorasynthError):
     """A LoRA library operation failed (missing entry, duplicate, corrupt blob...)."""
+
+
+class OutputError(LorasynthError, OSError):
+    """An output path cannot be written (a directory, below a regular file, read-only, disk full).
+
+    Also an OSError, so code that guards file writes with ``except OSError`` still works.
+    """

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .formats.safe_io import write_text
+from .formats.safe_io import atomic_write, write_text
 from .layout import delta_inner
 from .synthesis import SynthesisSettings, Synthesizer
 
@@ -122,8 +122,7 @@ def save_report(results: dict, out_dir: str | Path) -> tuple[Path, Path]:
     ax.set_title(f"{results['heldout']} held-out identities, layout {results['layout']}", fontsize=9)
     ax.set_ylim(min(0, min(vals)) * 1.1, 1.05)
     fig.tight_layout()
-    png = out / "eval.png"
-    fig.savefig(png)
+    png = atomic_write(out / "eval.png", lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
     return json_path, png
 

@@ -24,6 +24,8 @@ from .sd15 import SD15_ATTENTION_BLOCKS, sd15_module_shapes
 
 W2W_TARGETS = ("attn1.to_q", "attn1.to_v", "attn2.to_q", "attn2.to_v")
 W2W_ALPHA = 27.0
+MAX_LAYOUT_DIM = 1 << 16  # SD-family weights have dims <= 5120
+MAX_LAYOUT_SIZE = 1 << 31  # values in one flat vector
 
 
 @dataclass(frozen=True)
@@ -94,16 +96,35 @@ class Layout:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Layout":
-        if d.get("version") != 1 or "modules" not in d:
-            raise LayoutError("not a lorasynth layout (expected version 1 with 'modules')")
-        return cls(tuple(ModuleSpec(n, tuple(ds), tuple(us)) for n, ds, us in d["modules"]))
+        """A layout from its JSON form, checked strictly (layouts come from files others made)."""
+        if not isinstance(d, dict) or d.get("version") != 1 or not isinstance(d.get("modules"), list) or not d["modules"]:
+            raise LayoutError("not a lorasynth layout (expected version 1 with a non-empty 'modules' list)")
+        specs, total = [], 0
+        for item in d["modules"]:
+            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                    and all(isinstance(s, list) and 2 <= len(s) <= 4 for s in item[1:])
+                    and all(type(x) is int and 1 <= x <= MAX_LAYOUT_DIM for s in item[1:] for x in s)):
+                raise LayoutError(f"malformed layout module {str(item)[:120]} (expected [name, down shape, up shape] "
+                                  f"with dimensions 1..{MAX_LAYOUT_DIM})")
+            spec = ModuleSpec(item[0], tuple(item[1]), tuple(item[2]))
+            if spec.down_shape[0] != spec.up_shape[1]:
+                raise LayoutError(f"layout module {spec.name}: down rank {spec.down_shape[0]} != up rank {spec.up_shape[1]}")
+            total += spec.size
+            if total > MAX_LAYOUT_SIZE:
+                raise LayoutError(f"layout holds more than {MAX_LAYOUT_SIZE} values; refusing it")
+            specs.append(spec)
+        if len({s.name for s in specs}) != len(specs):
+            raise LayoutError("layout names a module twice")
+        return cls(tuple(specs))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, s: str) -> "Layout":
-        return cls.from_dict(json.loads(s))
+        from .formats.safe_io import parse_json
+
+        return cls.from_dict(parse_json(s, "layout", dict, error=LayoutError))
 
     @cached_property
     def signature(self) -> str:

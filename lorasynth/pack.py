@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+import tokenize
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from torch.utils.data import Dataset
 
-from .errors import LayoutError, LibraryError
+from .errors import LayoutError, LibraryError, OutputError
+from .formats.safe_io import ensure_folder, read_json
 from .layout import Layout
 
 PACK_VERSION = 1
@@ -229,8 +231,11 @@ class PackWriter:
 
     # -------------------------------------------------------------- lifecycle
     def __enter__(self) -> "PackWriter":
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.writing-", dir=self.out_dir.parent))
+        ensure_folder(self.out_dir.parent)
+        try:
+            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.writing-", dir=self.out_dir.parent))
+        except OSError as e:
+            raise OutputError(f"{self.out_dir}: cannot write here: {e.strerror or e}") from None
         self._vectors = _create_npy(self._tmp / VECTORS_FILE, self.n, self.dim)
         self._embeddings = _create_npy(self._tmp / EMBEDDINGS_FILE, self.n, self.embed_dim)
         return self
@@ -410,11 +415,17 @@ class Pack:
         return np.load(self.path / EMBEDDINGS_FILE, mmap_mode="r")
 
     def read_rows(self, idx) -> np.ndarray:
-        """Raw vectors of rows ``idx`` as a new float32 array (pread; no mapping kept)."""
-        return self._vec_file.read_rows(idx)
+        """Raw vectors of rows ``idx`` as a new float32 array (pread; no mapping kept); NaN/Inf refused."""
+        return self._finite(self._vec_file.read_rows(idx), VECTORS_FILE)
 
     def read_embeddings(self, idx) -> np.ndarray:
-        return self._emb_file.read_rows(idx)
+        """Embeddings of rows ``idx`` (float32); NaN/Inf refused."""
+        return self._finite(self._emb_file.read_rows(idx), EMBEDDINGS_FILE)
+
+    def _finite(self, rows: np.ndarray, name: str) -> np.ndarray:
+        if not np.isfinite(rows).all():
+            raise LibraryError(f"pack {self.path}: {name} holds NaN/Inf values; re-pack the library (`lorasynth library pack`)")
+        return rows
 
     def standardize(self, raw: np.ndarray) -> np.ndarray:
         return ((np.asarray(raw, dtype=np.float32) - self.mean) / self.scale).astype(np.float32)
@@ -433,7 +444,7 @@ def _open_rows(path: Path, name: str, shape: tuple[int, int]) -> _RowFile:
     """Open the pack's row file ``name`` and check it holds ``shape`` (rows, columns)."""
     try:
         rows = _RowFile.open(path / name)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, SyntaxError, tokenize.TokenError) as e:  # a garbled .npy header
         raise LibraryError(f"pack {path}: {name} is unreadable ({e})") from None
     if (rows.n_rows, rows.n_cols) != shape:
         raise LibraryError(f"pack {path}: {name} has shape {(rows.n_rows, rows.n_cols)}, expected {shape}")
@@ -448,11 +459,8 @@ def open_pack(path: str | Path) -> Pack:
     for name in (META_FILE, VECTORS_FILE, STATS_FILE):
         if not (path / name).is_file():
             raise LibraryError(f"pack {path} is incomplete: {name} is missing")
-    try:
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LibraryError(f"pack {path}: {META_FILE} is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != "lorasynth-pack":
+    meta = read_json(path / META_FILE, "pack description", dict, error=LibraryError)
+    if meta.get("format") != "lorasynth-pack":
         raise LibraryError(f"pack {path}: {META_FILE} is not a lorasynth pack description")
     if meta.get("version") != PACK_VERSION:
         raise LibraryError(f"pack {path}: unsupported pack version {meta.get('version')!r} (expected {PACK_VERSION})")

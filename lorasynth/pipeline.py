@@ -18,7 +18,6 @@ import dataclasses
 import inspect
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,17 +283,9 @@ def save_png(image, path: str | Path, settings: GenerationSettings, extra: dict[
     info.add_text("parameters", format_parameters(settings, extra, loras))
     payload = {"lorasynth_version": __version__, "settings": dataclasses.asdict(settings), "extra": dict(extra or {})}
     info.add_text("lorasynth", json.dumps(payload, ensure_ascii=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # not tempfile.mkstemp: its 0600 mode would survive the rename; "xb" honours the umask
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    from .formats.safe_io import atomic_write
+
+    return atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info))
 
 
 def read_png_metadata(path: str | Path) -> tuple[GenerationSettings, dict[str, str]]:

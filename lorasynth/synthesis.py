@@ -30,6 +30,7 @@ from .lora import LoRA
 from .synthesis_model import SynthesisModel
 
 STRATEGIES = ("diffusion", "blend", "nearest", "sample")
+MAX_SAMPLES = 256  # LoRAs one call may write (each is a file of a few MB)
 
 
 @dataclass
@@ -47,6 +48,8 @@ class SynthesisSettings:
             raise LorasynthError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.samples < 1 or self.k < 1 or self.temperature <= 0:
             raise LorasynthError("samples and k must be >= 1 and temperature > 0")
+        if self.samples > MAX_SAMPLES:
+            raise LorasynthError(f"--samples {self.samples} is more than {MAX_SAMPLES} at once; run several seeds instead")
 
 
 @dataclass
@@ -96,7 +99,13 @@ class Synthesizer:
 
     @property
     def train_rows(self) -> np.ndarray:
-        return np.asarray(self.model.info.train_ids)
+        """The pack rows the model was trained on (checked: a model folder is untrusted input too)."""
+        rows = np.asarray(self.model.info.train_ids)
+        n = len(self.pack)
+        if rows.ndim != 1 or rows.size == 0 or rows.dtype.kind not in "iu" or rows.min() < 0 or rows.max() >= n:
+            raise ModelError(f"{self.model.path}: its train_ids do not index its pack's {n} rows "
+                             "(wrong --pack, or a damaged model folder)")
+        return rows
 
     def library_embeddings(self) -> np.ndarray:
         """Unit-normalized embeddings of the training rows (cached)."""
@@ -117,13 +126,14 @@ class Synthesizer:
         return selection.face.embedding.astype(np.float32), selection
 
     def check_embedding(self, embedding) -> np.ndarray:
-        e = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        """A unit float32 embedding of the model's dimension (1-D, real, finite, non-zero), or a one-line error."""
+        from .embeddings import check_embedding
+
+        e = check_embedding(embedding, "embedding")
         if e.shape[0] != self.model.info.embed_dim:
             raise LorasynthError(f"embedding has {e.shape[0]} dims, the model expects {self.model.info.embed_dim} "
                                  f"({self.model.info.embedder})")
-        if not np.isfinite(e).all():
-            raise LorasynthError("embedding has NaN/Inf values")
-        return e / max(float(np.linalg.norm(e)), 1e-12)
+        return e
 
     # ---------------------------------------------------------------- strategies on vectors
     def neighbours(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -246,8 +246,9 @@ class LossCurveCallback(Callback):
         ax.grid(True, alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        self.out_png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.out_png)
+        from .formats.safe_io import atomic_write
+
+        atomic_write(self.out_png, lambda f: fig.savefig(f, format="png"))
         return self.out_png
 
 

@@ -23,7 +23,10 @@ def cmd_embed(args) -> int:
     import numpy as np
 
     from ..faces import get_embedder
+    from ..formats.safe_io import check_output_path
 
+    if args.out:
+        check_output_path(args.out)  # an unwritable --out fails before any work
     embedder = get_embedder(args.embedder, args.model_root)
     faces = embedder.detect_and_embed(args.photo)
     index = 0 if args.face_index is None else args.face_index

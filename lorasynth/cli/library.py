@@ -151,10 +151,13 @@ def _layout_from_arg(arg: str):
     if not path.is_file():
         raise LorasynthError(f"--layout: {arg!r} is neither 'w2w' nor a file")
     if path.suffix.lower() == ".json":
+        from ..errors import LayoutError
+        from ..formats.safe_io import read_json
+
         try:
-            return Layout.from_json(path.read_text())
-        except (OSError, ValueError) as e:
-            raise LorasynthError(f"--layout: cannot read {path}: {e}") from None
+            return Layout.from_dict(read_json(path, "layout", dict))
+        except LayoutError as e:
+            raise LayoutError(f"--layout {path}: {e}") from None
     return Layout.from_lora(load_lora(path))
 
 
@@ -211,9 +214,11 @@ def _print_report(report, as_json: bool) -> int:
     else:
         for source, msg in report.errors:
             print(f"error: {source}: {msg}", file=sys.stderr)
+        for source, r in getattr(report, "repaired", []):
+            print(f"repaired: entry {r.id} ({r.name}): its missing or corrupt blob was rewritten from {source}")
         for note in report.notes:
             print(f"note: {note}")
-        print(report.summary())
+        print(report.summary() + ("" if report.ok else " (exit status 1: some items failed, see the errors above)"))
     return 0 if report.ok else 1
 
 

@@ -153,6 +153,8 @@ def cmd_blend(args) -> int:
     save_lora(out, args.output, args.to)
     ranks = sorted(out.ranks)
     print(f"wrote {args.output} ({args.to}, {len(out)} modules, rank {ranks[0]}..{ranks[-1]})")
+    if report.requested_rank is not None:
+        print(f"note: --rank {report.requested_rank} capped at {report.rank}, the most these modules can hold")
     if args.rank is not None:
-        print(f"rank-{args.rank} relative error: overall {report.overall_error:.3e}, worst module {report.max_error:.3e}")
+        print(f"rank-{report.rank} relative error: overall {report.overall_error:.3e}, worst module {report.max_error:.3e}")
     return 0

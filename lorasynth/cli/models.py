@@ -186,20 +186,22 @@ def _numbered(path: Path, i: int, n: int) -> Path:
 
 
 def cmd_synthesize(args) -> int:
+    from ..formats.safe_io import check_output_path
     from ..synthesis import Synthesizer, write_synthesized
 
-    syn = Synthesizer(args.model, pack=args.pack, model_root=args.model_root)
+    check_output_path(args.output)  # an unwritable -o or a bad embedding fails before any work
+    _settings(args, args.strategy).validate()
     t0 = time.perf_counter()
+    if not args.face:
+        from ..embeddings import read_embedding_npy
+
+        embedding = read_embedding_npy(args.embedding, "embedding")
+        source = Path(args.embedding).name
+    syn = Synthesizer(args.model, pack=args.pack, model_root=args.model_root)
     if args.face:
         embedding, selection = syn.embed_photo(args.face, args.face_index)
         print(selection.describe())
         source = Path(args.face).name
-    else:
-        try:
-            embedding = np.load(args.embedding, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise LorasynthError(f"cannot read embedding {args.embedding}: {e}") from None
-        source = Path(args.embedding).name
     t1 = time.perf_counter()
     results = syn.synthesize(embedding, _settings(args, args.strategy), source=source)
     out = Path(args.output)

@@ -18,7 +18,7 @@ import numpy as np
 
 from lorasynth.errors import FaceError, LorasynthError
 
-from .images import DEFAULT_MAX_PIXELS, ImageInput, describe_source, read_rgb
+from .images import DEFAULT_MAX_PIXELS, ImageInput, describe_source, load_image_scaled, read_rgb
 
 
 @dataclass(eq=False)
@@ -101,10 +101,18 @@ class FaceEmbedder(ABC):
 
     def detect_and_embed(self, image: ImageInput) -> list[Face]:
         """All faces in ``image`` (path or array), largest box first, embeddings unit-norm."""
-        rgb = read_rgb(image, max_pixels=self.max_pixels)
+        if isinstance(image, (str, os.PathLike)):  # big photos are decoded smaller (bounded memory)
+            rgb, (sx, sy) = load_image_scaled(image, max_pixels=self.max_pixels)
+        else:
+            rgb, (sx, sy) = read_rgb(image, max_pixels=self.max_pixels), (1.0, 1.0)
         faces = self._detect(rgb)
         for f in faces:
             f.embedding = l2_normalize(f.embedding)
+            if (sx, sy) != (1.0, 1.0):  # back to pixels of the full-size image
+                x0, y0, x1, y1 = f.box
+                f.box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+                if f.landmarks is not None:
+                    f.landmarks = np.asarray(f.landmarks, dtype=np.float64) * np.array([sx, sy])
         # Ties (equal areas) are broken by score, then left-to-right, for determinism.
         faces.sort(key=lambda f: (-f.area, -f.score, f.box[0], f.box[1]))
         return faces

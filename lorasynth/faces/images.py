@@ -11,6 +11,7 @@ wrong raises :class:`~lorasynth.errors.ImageError` with the path in the message.
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from pathlib import Path
 from typing import Union
@@ -20,9 +21,14 @@ from PIL import Image, ImageOps
 
 from lorasynth.errors import ImageError
 
-#: Largest image (in pixels) that :func:`load_image` decodes by default. 50 MP is
-#: far above any portrait photo yet keeps a worst-case decode under ~150 MB RAM.
+#: Largest image (in pixels) that :func:`load_image` accepts by default: 50 MP is far above
+#: any portrait photo. A full-size decode peaks at ~10 bytes a pixel (Pillow's 4-byte pixels,
+#: the 3-byte array and one transfer copy): ~500 MB at 49 MP (measured).
 DEFAULT_MAX_PIXELS = 50_000_000
+#: Face detection decodes larger images at a reduced size (:func:`load_image_scaled`): JPEGs
+#: are scaled inside the decoder (1/2, 1/4, 1/8), so a 49 MP JPEG peaks at ~150 MB; other formats
+#: are reduced right after one full decode (~270 MB at 49 MP, measured).
+DEFAULT_DECODE_PIXELS = 12_000_000
 
 ImageInput = Union[str, os.PathLike, np.ndarray]
 
@@ -38,6 +44,18 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     costs nothing; ``None`` disables lorasynth's limit (Pillow's own hard limit
     still applies).
     """
+    return load_image_scaled(path, max_pixels, None)[0]
+
+
+def load_image_scaled(
+    path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS, decode_pixels: int | None = DEFAULT_DECODE_PIXELS
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Like :func:`load_image`, but an image above ``decode_pixels`` is decoded smaller.
+
+    Returns ``(rgb, (sx, sy))``: multiply x / y coordinates in ``rgb`` by ``sx`` / ``sy`` to get
+    pixels of the upright full-size image. JPEGs are reduced inside the decoder (draft mode), so
+    the full-size image is never in memory.
+    """
     p = Path(path)
     if not p.exists():
         raise ImageError(f"image file not found: {p}")
@@ -50,9 +68,21 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
             with Image.open(p) as im:
                 _check_size(p, im.size, max_pixels)
                 im.seek(0)
+                full = im.size
+                orientation = _orientation(im)  # read before any reduce: a reduced copy has no EXIF
+                if decode_pixels is not None and full[0] * full[1] > decode_pixels and im.format == "JPEG":
+                    k = (full[0] * full[1] / decode_pixels) ** 0.5
+                    im.draft("RGB", (max(1, int(full[0] / k)), max(1, int(full[1] / k))))
                 im.load()
-                im = ImageOps.exif_transpose(im) or im
-                return pil_to_rgb(im)
+                if decode_pixels is not None and im.size[0] * im.size[1] > 1.25 * decode_pixels:  # draft may overshoot a bit
+                    factor = int(np.ceil((im.size[0] * im.size[1] / decode_pixels) ** 0.5))
+                    im = im.reduce(factor)
+                sx, sy = full[0] / im.size[0], full[1] / im.size[1]
+                if orientation in _TRANSPOSE:
+                    im = im.transpose(_TRANSPOSE[orientation])
+                    if orientation >= 5:  # rotated by 90 degrees: the axes swap
+                        sx, sy = sy, sx
+                return pil_to_rgb(im), (sx, sy)
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{p} refused: image is too large to decode safely ({exc})") from exc
     except ImageError:
@@ -61,6 +91,22 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         # UnidentifiedImageError (not an image), OSError "image file is truncated",
         # broken EXIF / chunk data (ValueError, SyntaxError) all land here.
         raise ImageError(f"{p} is not a readable image: {exc}") from exc
+
+
+#: EXIF orientation -> the transposition that makes the image upright (as ImageOps.exif_transpose)
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright; unreadable EXIF counts as upright)."""
+    try:
+        value = im.getexif().get(0x0112, 1)
+        return value if isinstance(value, int) else 1
+    except (OSError, ValueError, SyntaxError, TypeError, KeyError, struct.error):
+        return 1
 
 
 def _check_size(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
@@ -94,7 +140,9 @@ def pil_to_rgb(im: Image.Image) -> np.ndarray:
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, _WHITE + (255,))
         im = Image.alpha_composite(background, rgba)
-    return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
 
 
 def as_rgb_array(image: np.ndarray) -> np.ndarray:

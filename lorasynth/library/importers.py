@@ -11,21 +11,25 @@ or peft keys, auto-detected) directly in the folder, with optional sidecars:
 
 A sub-folder ``NAME/`` holding ``adapter_model.safetensors`` (+ ``adapter_config.json``,
 peft) or ``pytorch_lora_weights.safetensors`` (diffusers) is imported as LoRA ``NAME``.
-A bad file is reported and skipped; the rest of the import goes on.
+A bad file is reported and skipped; the rest of the import goes on (the CLI then exits 1 with
+a summary). A file whose entry is already stored but whose blob file is missing or corrupt
+repairs that blob.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from ..embeddings import read_embedding_npy
 from ..errors import LayoutError, LibraryError, LorasynthError
 from ..formats import load_lora
+from ..formats.safe_io import read_json
 from ..formats.w2w import W2WDataset
 from ..layout import Layout
 from .store import KNOWN_EMBEDDER_DIMS, AddResult, Library, NewEntry, clean_embedding
@@ -42,21 +46,35 @@ class ImportReport:
 
     added: list[AddResult] = field(default_factory=list)
     duplicates: list[tuple[str, AddResult]] = field(default_factory=list)  # (source, existing entry)
-    errors: list[tuple[str, str]] = field(default_factory=list)  # (source, message)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (source, message without the source)
     notes: list[str] = field(default_factory=list)
+    repaired: list[tuple[str, AddResult]] = field(default_factory=list)  # duplicates whose damaged blob was rewritten
 
     @property
     def ok(self) -> bool:
         return not self.errors
 
     def summary(self) -> str:
-        return f"added {len(self.added)}, duplicates {len(self.duplicates)}, errors {len(self.errors)}"
+        repaired = f", repaired {len(self.repaired)}" if self.repaired else ""
+        return f"added {len(self.added)}, duplicates {len(self.duplicates)}{repaired}, errors {len(self.errors)}"
+
+    def error(self, source: str, exc: BaseException) -> None:
+        """Record a per-file error; the message loses a leading ``source:`` (the report prints it once)."""
+        msg = str(exc)
+        for prefix in (f"{source}: ", f"{source} "):
+            if msg.startswith(prefix):
+                msg = msg[len(prefix):]
+                break
+        if not isinstance(exc, LorasynthError):
+            msg = f"unreadable ({type(exc).__name__}: {msg})"
+        self.errors.append((source, msg))
 
     def to_dict(self) -> dict:
         return {
             "added": [{"id": r.id, "name": r.name} for r in self.added],
             "duplicates": [{"source": s, "id": r.id, "name": r.name} for s, r in self.duplicates],
             "errors": [{"source": s, "error": m} for s, m in self.errors],
+            "repaired": [{"source": s, "id": r.id, "name": r.name} for s, r in self.repaired],
             "notes": list(self.notes),
         }
 
@@ -122,28 +140,12 @@ def scan_folder(folder: str | os.PathLike) -> list[FolderItem]:
 
 def read_embedding_file(path: str | os.PathLike, dim: int | None = None) -> np.ndarray:
     """A 1-D float embedding from a ``.npy`` file (never unpickled), unit-normalized."""
-    path = Path(path)
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise LibraryError(f"{path}: not a plain numeric .npy array ({e})") from None
-    except OSError as e:
-        raise LibraryError(f"{path}: cannot read: {e}") from None
-    vec = clean_embedding(arr, str(path))
-    if dim is not None and vec.size != dim:
-        raise LibraryError(f"{path}: embedding has {vec.size} dims, expected {dim}")
-    return vec
+    return read_embedding_npy(path, dim=dim, error=LibraryError)
 
 
 def read_attributes_file(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    try:
-        attrs = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LibraryError(f"{path}: not readable JSON: {e}") from None
-    if not isinstance(attrs, dict):
-        raise LibraryError(f"{path}: attributes must be a JSON object, got {type(attrs).__name__}")
-    return attrs
+    """A JSON object of attributes (strict JSON: UTF-8, bounded nesting, no duplicate keys)."""
+    return read_json(path, "attributes", dict, max_bytes=1 << 20, error=LibraryError)
 
 
 def embed_photos(embedder, photos: Iterable[str | os.PathLike]) -> np.ndarray:
@@ -152,6 +154,12 @@ def embed_photos(embedder, photos: Iterable[str | os.PathLike]) -> np.ndarray:
     if not vecs:
         raise LibraryError("no photos to embed")
     return clean_embedding(np.mean(np.stack(vecs), axis=0), "mean photo embedding")
+
+
+#: what one bad input file may raise: the project's errors, plus the malformed-input exceptions of
+#: the libraries under it (I/O, value and struct errors from decoders). Anything else is a bug: it
+#: propagates with its traceback.
+_PER_FILE_ERRORS = (LorasynthError, OSError, ValueError, struct.error, RecursionError)
 
 
 class _LazyEmbedder:
@@ -210,9 +218,11 @@ def import_folder(
                 else:
                     embeddings[emb.name] = embed_photos(emb.get(), item.photos)
             result = lib.add(lora, item.name, source=source, attributes=attrs, embeddings=embeddings)
-        except LorasynthError as e:
-            report.errors.append((source, str(e)))
+        except _PER_FILE_ERRORS as e:
+            report.error(source, e)
             continue
+        if result.repaired:
+            report.repaired.append((source, result))
         (report.duplicates.append((source, result)) if result.duplicate else report.added.append(result))
     return report
 

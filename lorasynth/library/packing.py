@@ -110,7 +110,7 @@ def _blob_plan(header: bytes, layout: Layout) -> list | None:
                     raise ValueError(key)
                 parts.append(start // 4)
             plan.append((spec, *parts))
-    except (KeyError, ValueError, TypeError, json.JSONDecodeError):
+    except (KeyError, ValueError, TypeError, json.JSONDecodeError, RecursionError):  # the slow path says why
         plan = None
     if len(_PLANS) > 16:
         _PLANS.clear()
@@ -129,8 +129,11 @@ def _canonical_from_blobs(blobs: list[bytes], layout: Layout) -> torch.Tensor | 
     if any(b[8 : 8 + n] != header for b in blobs[1:]):
         return None
     plan = _blob_plan(header, layout)
-    if plan is None:
+    if plan is None or (len(blobs[0]) - 8 - n) % 4:
         return None
+    cols = (len(blobs[0]) - 8 - n) // 4
+    if any(max(d + math.prod(s.down_shape), u + math.prod(s.up_shape), a + 1) > cols for s, d, u, a in plan):
+        return None  # offsets past the data (a crafted blob): decode_blob reports it
     data = np.empty((len(blobs), (len(blobs[0]) - 8 - n) // 4), dtype=np.float32)
     for i, b in enumerate(blobs):
         if len(b) != len(blobs[0]):

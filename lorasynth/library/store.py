@@ -33,6 +33,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import socket
 import sqlite3
 import struct
 import tempfile
@@ -46,11 +48,12 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..embeddings import check_embedding
 from ..errors import FormatError, LayoutError, LibraryError, LorasynthError
 from ..formats import save_lora
 from ..formats.common import most_common
 from ..formats.keys import kohya_name
-from ..formats.safe_io import SAFETENSORS_DTYPES
+from ..formats.safe_io import SAFETENSORS_DTYPES, current_umask, parse_json
 from ..layout import Layout
 from ..lora import LoRA, LoRAModule
 
@@ -62,6 +65,11 @@ FORMAT_NAME = "lorasynth-library"
 FORMAT_VERSION = 1
 BLOB_METADATA = {"lorasynth.blob": "1"}  # fixed, so equal tensors give equal bytes
 KNOWN_EMBEDDER_DIMS = {"dlib": 128, "arcface": 512}  # checked without loading any face model
+_BLOB_NAME = re.compile(r"[0-9a-f]{64}")  # a manifest's blob column must be exactly this (it becomes a path)
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+_TEMP_NAME = re.compile(r"\.blob\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[^.]*\.tmp")
+DAMAGED_HINT = ("restore it from a backup, or start a new library (`lorasynth library init`) and re-import "
+                "the LoRA files (`lorasynth library import`); blobs/ still holds every stored LoRA")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
@@ -132,6 +140,7 @@ class AddResult:
     id: int
     name: str
     duplicate: bool = False
+    repaired: bool = False  # a duplicate whose missing or corrupt blob file was rewritten from these bytes
 
 
 @dataclass(frozen=True)
@@ -162,13 +171,14 @@ class VerifyReport:
     missing: list[tuple[int, str, str]] = field(default_factory=list)  # (id, name, hash)
     corrupt: list[tuple[int, str, str, str]] = field(default_factory=list)  # (id, name, hash, why)
     bad_embeddings: list[tuple[int, str, str]] = field(default_factory=list)  # (id, embedder, why)
+    hostile: list[tuple[int, str, str]] = field(default_factory=list)  # (id, name, blob): not a plain blob name
     orphans: list[str] = field(default_factory=list)  # blob files no row references
     temp_files: list[str] = field(default_factory=list)  # leftovers of interrupted writes
     database: str = "ok"  # result of PRAGMA quick_check
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.corrupt or self.bad_embeddings) and self.database == "ok"
+        return not (self.missing or self.corrupt or self.bad_embeddings or self.hostile) and self.database == "ok"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok}
@@ -177,6 +187,8 @@ class VerifyReport:
         out = [f"checked {self.checked} entries: {'OK' if self.ok else 'PROBLEMS FOUND'}"]
         if self.database != "ok":
             out.append(f"database integrity check: {self.database}")
+        out += [f"HOSTILE blob path: entry {i} ({n}) -> {h!r} is not a plain blob name (never opened; "
+                f"remove the entry, and distrust where this library came from)" for i, n, h in self.hostile]
         out += [f"missing blob: entry {i} ({n}) -> {h}" for i, n, h in self.missing]
         out += [f"corrupt blob: entry {i} ({n}) -> {h}: {why}" for i, n, h, why in self.corrupt]
         out += [f"bad embedding: entry {i} [{e}]: {why}" for i, e, why in self.bad_embeddings]
@@ -302,28 +314,94 @@ def decode_blob(data: bytes, layout: Layout, source: str = "blob") -> LoRA:
             modules[spec.name] = LoRAModule(
                 tensor(f"{k}.lora_down.weight", spec.down_shape), tensor(f"{k}.lora_up.weight", spec.up_shape), alpha
             )
-    except (KeyError, ValueError, TypeError, IndexError, struct.error, json.JSONDecodeError, RuntimeError, FormatError) as e:
-        raise LibraryError(f"{source}: unreadable blob: {type(e).__name__}: {e}") from None
+    except (KeyError, ValueError, TypeError, IndexError, struct.error, json.JSONDecodeError, RuntimeError, FormatError,
+            RecursionError) as e:
+        raise LibraryError(f"{source}: unreadable blob: {type(e).__name__}: {str(e)[:200]}") from None
     return LoRA(modules)
 
 
 def clean_embedding(vec, what: str = "embedding") -> np.ndarray:
-    """A finite, non-zero 1-D vector as float32 with unit L2 norm (cosine = dot product)."""
-    v = np.asarray(vec)
-    if v.dtype.kind not in "fiu":
-        raise LibraryError(f"{what}: expected a numeric vector, got dtype {v.dtype}")
-    v = v.astype(np.float32).reshape(-1) if v.ndim == 2 and 1 in v.shape else v.astype(np.float32)
-    if v.ndim != 1 or v.size == 0:
-        raise LibraryError(f"{what}: expected a 1-D vector, got shape {tuple(np.shape(vec))}")
-    norm = float(np.linalg.norm(v))
-    if not np.isfinite(v).all() or not np.isfinite(norm) or norm == 0.0:
-        raise LibraryError(f"{what}: vector is zero or holds NaN/Inf")
-    return v / np.float32(norm)
+    """A finite, non-zero 1-D vector as float32 with unit L2 norm (cosine = dot product); see :mod:`lorasynth.embeddings`."""
+    return check_embedding(vec, what, error=LibraryError)
+
+
+def is_blob_name(value) -> bool:
+    """Whether a manifest's blob value is a plain content hash (and so a safe file name)."""
+    return isinstance(value, str) and _BLOB_NAME.fullmatch(value) is not None
+
+
+def _temp_owner_alive(name: str) -> bool | None:
+    """For a staging temp file: whether the process that wrote it still runs (None: unknown, e.g. other host)."""
+    m = _TEMP_NAME.fullmatch(name)
+    if m is None or m["host"] != _HOST:
+        return None
+    pid = int(m["pid"])
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists (another user's process) or cannot tell: keep the file
+    return True
 
 
 def _is_busy(e: sqlite3.OperationalError) -> bool:
     msg = str(e).lower()
     return "locked" in msg or "busy" in msg
+
+
+def _db_error(root, e: sqlite3.DatabaseError) -> BaseException:
+    """One clear LibraryError for a database failure; busy/locked and constraint errors pass through."""
+    if isinstance(e, sqlite3.IntegrityError) or (isinstance(e, sqlite3.OperationalError) and _is_busy(e)):
+        return e
+    msg = str(e)
+    if "readonly" in msg or "read-only" in msg:
+        return LibraryError(f"{root}: the library is read-only here ({msg}); copy it somewhere writable")
+    if isinstance(e, sqlite3.OperationalError) and "malformed" not in msg:
+        return LibraryError(f"{root}: cannot use the library manifest {DB_NAME} ({msg})")
+    return LibraryError(f"{root}: the library manifest {DB_NAME} is damaged ({msg}); {DAMAGED_HINT}")
+
+
+class _Cursor(sqlite3.Cursor):
+    """A cursor whose damaged-database errors are LibraryErrors (also while rows are fetched)."""
+
+    def _wrap(self, call, *args):
+        try:
+            return call(*args)
+        except sqlite3.DatabaseError as e:
+            raise _db_error(getattr(self.connection, "root", "library"), e) from None
+
+    def execute(self, *args):
+        return self._wrap(super().execute, *args)
+
+    def executemany(self, *args):
+        return self._wrap(super().executemany, *args)
+
+    def fetchone(self):
+        return self._wrap(super().fetchone)
+
+    def fetchall(self):
+        return self._wrap(super().fetchall)
+
+    def fetchmany(self, *args):
+        return self._wrap(super().fetchmany, *args)
+
+    def __next__(self):
+        return self._wrap(super().__next__)
+
+
+class _Connection(sqlite3.Connection):
+    """``execute`` returns a :class:`_Cursor`, so a damaged manifest never surfaces as a raw sqlite3 error."""
+
+    root: Path | str = "library"
+
+    def execute(self, *args):
+        return self.cursor(_Cursor).execute(*args)
+
+    def executemany(self, *args):
+        return self.cursor(_Cursor).executemany(*args)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -357,17 +435,28 @@ class Library:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         if meta.get("format") != FORMAT_NAME:
             raise LibraryError(f"{root}: {DB_NAME} is not a lorasynth library manifest")
-        if int(meta.get("version", 0)) > FORMAT_VERSION:
+        version = meta.get("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise LibraryError(f"{root}: {DB_NAME} has a malformed format version {version!r}; {DAMAGED_HINT}")
+        if version > FORMAT_VERSION:
             raise LibraryError(
                 f"{root}: library format version {meta['version']} is newer than this lorasynth "
                 f"supports ({FORMAT_VERSION}); upgrade lorasynth"
             )
+        for key in ("base_model", "layout", "layout_signature"):
+            if not isinstance(meta.get(key), str):
+                raise LibraryError(f"{root}: {DB_NAME} lacks a valid {key!r}; {DAMAGED_HINT}")
         self.base_model: str = meta["base_model"]
-        self.layout: Layout = Layout.from_json(meta["layout"])
+        try:
+            self.layout: Layout = Layout.from_json(meta["layout"])
+        except LayoutError as e:
+            raise LibraryError(f"{root}: the stored layout is unreadable ({e}); {DAMAGED_HINT}") from None
         if self.layout.signature != meta["layout_signature"]:
             raise LibraryError(f"{root}: stored layout does not match its signature (manifest damaged?)")
         self.embedder: str | None = meta.get("embedder") or None
-        self.created: str = meta.get("created", "")
+        if self.embedder is not None and not isinstance(self.embedder, str):
+            raise LibraryError(f"{root}: {DB_NAME} has a malformed embedder {self.embedder!r}; {DAMAGED_HINT}")
+        self.created: str = str(meta.get("created", ""))
         self._emb_cache: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
         self._scores: np.ndarray | None = None  # reused output buffer of nearest()
 
@@ -375,8 +464,10 @@ class Library:
     @staticmethod
     def _connect(root: Path, config: LibraryConfig) -> sqlite3.Connection:
         conn = sqlite3.connect(
-            str(root / DB_NAME), timeout=config.busy_timeout_s, isolation_level=None, check_same_thread=False
+            str(root / DB_NAME), timeout=config.busy_timeout_s, isolation_level=None, check_same_thread=False,
+            factory=_Connection,
         )
+        conn.root = root
         conn.execute(f"PRAGMA busy_timeout = {int(config.busy_timeout_s * 1000)}")
         for _ in range(config.retries + 1):
             try:
@@ -405,7 +496,9 @@ class Library:
             raise LibraryError(f"{root} already holds a library; open it instead")
         if root.exists() and not root.is_dir():
             raise LibraryError(f"{root} exists and is not a directory")
-        (root / BLOB_DIR / TMP_DIR).mkdir(parents=True, exist_ok=True)
+        from ..formats.safe_io import ensure_folder
+
+        ensure_folder(root / BLOB_DIR / TMP_DIR)
         conn = cls._connect(root, config)
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -435,8 +528,11 @@ class Library:
     def open(cls, root: str | os.PathLike, config: LibraryConfig | None = None) -> "Library":
         """Open an existing library directory."""
         root, config = Path(root), config or LibraryConfig()
-        if not (root / DB_NAME).is_file():
+        if not (root / DB_NAME).exists():
             raise LibraryError(f"{root} is not a lorasynth library (no {DB_NAME}); create one with `lorasynth library init`")
+        from ..formats.safe_io import check_input_file
+
+        check_input_file(root / DB_NAME, "library manifest", LibraryError)
         conn = None
         try:
             conn = cls._connect(root, config)
@@ -492,7 +588,18 @@ class Library:
 
     # ---------------------------------------------------------------- paths
     def blob_path(self, digest: str) -> Path:
+        """Where the blob of ``digest`` lives; a value that is not a plain hash (e.g. ``../x``) is refused."""
+        if not is_blob_name(digest):
+            raise LibraryError(f"{self.root}: refusing blob path {digest!r} from the manifest: not a plain blob name "
+                               "(a damaged or crafted library; run `lorasynth library verify`)")
         return self.root / BLOB_DIR / digest[:2] / f"{digest}{BLOB_SUFFIX}"
+
+    def _inside_blobs(self, path: Path) -> bool:
+        """Whether ``path`` really lies in this library's blob folder (no symlinked folder leads out)."""
+        try:
+            return path.parent.resolve().parent == (self.root / BLOB_DIR).resolve()
+        except OSError:
+            return False
 
     # ---------------------------------------------------------------- lookups
     def __len__(self) -> int:
@@ -500,9 +607,17 @@ class Library:
 
     _COLUMNS = "id, name, blob, layout, rank, alpha, source, created, attributes"
 
-    @staticmethod
-    def _entry(row) -> Entry:
-        return Entry(*row[:8], attributes=json.loads(row[8]))
+    def _entry(self, row) -> Entry:
+        """A manifest row as an Entry; a row of the wrong types (a crafted or damaged manifest) is a LibraryError."""
+        try:
+            attributes = parse_json(row[8], f"entry {row[0]}: attributes", dict, error=LibraryError) if isinstance(row[8], str) else None
+            if attributes is None or not all(isinstance(v, str) for v in (row[1], row[2], row[3], row[6], row[7])) \
+                    or isinstance(row[0], bool) or not isinstance(row[0], int) or not isinstance(row[4], int) \
+                    or not isinstance(row[5], (int, float)):
+                raise TypeError("a column holds a value of the wrong type")
+            return Entry(row[0], row[1], row[2], row[3], row[4], float(row[5]), row[6], row[7], attributes=attributes)
+        except (TypeError, IndexError) as e:
+            raise LibraryError(f"{self.root}: manifest row {row[0] if row else '?'} is malformed ({e}); {DAMAGED_HINT}") from None
 
     def resolve(self, id_or_name: int | str) -> Entry:
         """The entry with this id (int or digit string) or name; LibraryError if none."""
@@ -564,7 +679,10 @@ class Library:
 
     def entry_embeddings(self, entry_id: int) -> dict[str, np.ndarray]:
         rows = self._conn.execute("SELECT embedder, dim, vector FROM embeddings WHERE entry_id = ?", (entry_id,))
-        return {e: np.frombuffer(v, dtype=np.float32, count=d).copy() for e, d, v in rows}
+        try:
+            return {str(e): np.frombuffer(v, dtype=np.float32, count=d).copy() for e, d, v in rows}
+        except (TypeError, ValueError) as e:
+            raise LibraryError(f"{self.root}: entry {entry_id}: malformed embedding ({e}); run `lorasynth library verify`") from None
 
     def show(self, id_or_name: int | str) -> dict:
         """A JSON-ready description of one entry: manifest row, blob file, embeddings."""
@@ -627,12 +745,23 @@ class Library:
                 raise LibraryError(f"{name}: refusing a LoRA with non-finite weights: {e}") from None
         return data, hashlib.sha256(data).hexdigest(), embs
 
+    def _blob_intact(self, digest: str, data: bytes) -> bool:
+        """Whether the blob file of ``digest`` exists and holds exactly ``data``."""
+        path = self.blob_path(digest)
+        try:
+            if path.stat().st_size != len(data):
+                return False
+            return path.read_bytes() == data
+        except OSError:
+            return False
+
     def _stage(self, data: bytes) -> Path:
         """Write blob bytes to a temp file in ``blobs/tmp`` (fsynced); the caller renames it into place."""
         tmp_dir = self.root / BLOB_DIR / TMP_DIR
         tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".blob.", suffix=".tmp", dir=tmp_dir)
+        fd, tmp = tempfile.mkstemp(prefix=f".blob.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=tmp_dir)
         try:
+            os.fchmod(fd, 0o666 & ~current_umask())  # libraries are shared: not mkstemp's 0600
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 if self.config.fsync:
@@ -679,15 +808,21 @@ class Library:
         staged: dict[str, Path] = {}
         try:
             for item, data, digest, _ in prepared:
-                if digest not in staged and self.find_blob(digest) is None:
-                    staged[digest] = self._stage(data)
+                if digest not in staged and (self.find_blob(digest) is None or not self._blob_intact(digest, data)):
+                    staged[digest] = self._stage(data)  # new, or a stored entry whose blob file is damaged
             results: list[AddResult] = []
             renamed_into: set[Path] = set()
             with self._write() as conn:
-                for item, _, digest, embs in prepared:
+                for item, data, digest, embs in prepared:
                     existing = conn.execute("SELECT id, name FROM entries WHERE blob = ?", (digest,)).fetchone()
                     if existing is not None:
-                        results.append(AddResult(existing[0], existing[1], duplicate=True))
+                        repaired = digest in staged and not self._blob_intact(digest, data)
+                        if repaired:  # re-import repairs a missing or corrupt blob from the same bytes
+                            final = self.blob_path(digest)
+                            final.parent.mkdir(parents=True, exist_ok=True)
+                            os.replace(staged.pop(digest), final)
+                            renamed_into.add(final.parent)
+                        results.append(AddResult(existing[0], existing[1], duplicate=True, repaired=repaired))
                         continue
                     name = str(item.name).strip()
                     taken = conn.execute("SELECT id FROM entries WHERE name = ?", (name,)).fetchone()
@@ -754,9 +889,13 @@ class Library:
             self._bump(conn)
         # Second transaction: unlink only if still unreferenced, under the write lock, so a
         # concurrent add of the same tensors (which renames its blob in under the lock) is safe.
+        if not is_blob_name(entry.blob):  # a crafted row: drop it, touch no file
+            return entry
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM entries WHERE blob = ?", (entry.blob,)).fetchone() is None:
-                self.blob_path(entry.blob).unlink(missing_ok=True)
+                path = self.blob_path(entry.blob)
+                if self._inside_blobs(path):
+                    path.unlink(missing_ok=True)
         return entry
 
     def export(self, id_or_name: int | str, path: str | os.PathLike, fmt: str = "kohya") -> Path:
@@ -804,8 +943,13 @@ class Library:
         finally:
             self._conn.execute("COMMIT")
         dim = dims[0] if dims else 0
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        mat = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim).copy()
+        try:
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            mat = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim).copy()
+        except (TypeError, ValueError, OverflowError) as e:
+            raise LibraryError(f"{self.root}: [{embedder}] embeddings are malformed ({e}); run `lorasynth library verify`") from None
+        if not np.isfinite(mat).all():
+            raise LibraryError(f"{self.root}: [{embedder}] embeddings hold NaN/Inf; run `lorasynth library verify`")
         ids.setflags(write=False)  # shared with the cache: read-only
         mat.setflags(write=False)
         self._emb_cache[embedder] = (gen, ids, mat)
@@ -841,8 +985,8 @@ class Library:
         """Blob files on disk by hash, and temp/unexpected files."""
         blobs, temps = {}, []
         base = self.root / BLOB_DIR
-        for sub in sorted(base.iterdir()) if base.is_dir() else []:
-            if not sub.is_dir():
+        for sub in sorted(base.iterdir()) if base.is_dir() and not base.is_symlink() else []:
+            if sub.is_symlink() or not sub.is_dir():  # never follow a link out of the library
                 temps.append(sub)
                 continue
             for f in sub.iterdir():
@@ -859,49 +1003,62 @@ class Library:
         rows = self._conn.execute("SELECT id, name, blob FROM entries ORDER BY id").fetchall()
         referenced = set()
         for entry_id, name, digest in progress(rows) if progress else rows:
-            referenced.add(digest)
             report.checked += 1
+            if not is_blob_name(digest):
+                report.hostile.append((entry_id, str(name), str(digest)[:200]))
+                continue
+            referenced.add(digest)
             path = self.blob_path(digest)
             h = hashlib.sha256()
             try:
                 with open(path, "rb") as f:
                     for chunk in iter(lambda: f.read(1 << 20), b""):
                         h.update(chunk)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 report.missing.append((entry_id, name, digest))
+                continue
+            except OSError as e:  # a directory, a FIFO, no permission...
+                report.corrupt.append((entry_id, name, digest, f"unreadable: {e.strerror or e}"))
                 continue
             if h.hexdigest() != digest:
                 report.corrupt.append((entry_id, name, digest, "hash mismatch"))
         for entry_id, embedder, dim, vec in self._conn.execute("SELECT entry_id, embedder, dim, vector FROM embeddings"):
-            if len(vec) != 4 * dim:
+            if not isinstance(vec, bytes) or not isinstance(dim, int) or dim < 1:
+                report.bad_embeddings.append((entry_id, str(embedder), "malformed row (wrong column types)"))
+            elif len(vec) != 4 * dim:
                 report.bad_embeddings.append((entry_id, embedder, f"{len(vec)} bytes for {dim} dims"))
             elif not np.isfinite(np.frombuffer(vec, dtype=np.float32)).all():
                 report.bad_embeddings.append((entry_id, embedder, "NaN/Inf values"))
         blobs, temps = self._blob_files()
         # Re-read references: rows committed by other processes during the scan are not orphans.
-        referenced |= {r[0] for r in self._conn.execute("SELECT blob FROM entries")}
+        referenced |= {r[0] for r in self._conn.execute("SELECT blob FROM entries") if is_blob_name(r[0])}
         report.orphans = sorted(str(p) for h, p in blobs.items() if h not in referenced)
         report.temp_files = sorted(str(p) for p in temps)
         return report
 
     def clean(self, temp_age_s: float = 3600.0) -> tuple[int, int]:
-        """Delete orphan blobs and temp files older than ``temp_age_s``; returns their counts.
+        """Delete orphan blobs and the temp files no live process owns; returns their counts.
 
-        Runs under the write lock, so no concurrent add is between renaming its blob in
-        and committing its row; younger temp files may belong to a running add and stay.
+        A staging temp file carries its writer's host and pid: it is removed once that process is
+        gone. Other temp files (unknown writer, another host) are removed when older than
+        ``temp_age_s``. Runs under the write lock, so no concurrent add is between renaming its
+        blob in and committing its row.
         """
         removed_orphans = removed_temps = 0
         with self._write() as conn:
             referenced = {r[0] for r in conn.execute("SELECT blob FROM entries")}
             blobs, temps = self._blob_files()
             for h, p in blobs.items():
-                if h not in referenced:
+                if h not in referenced and self._inside_blobs(p):
                     p.unlink(missing_ok=True)
                     removed_orphans += 1
             now = time.time()
             for p in temps:
                 try:
-                    if p.is_file() and now - p.stat().st_mtime >= temp_age_s:
+                    if not p.is_file():
+                        continue
+                    alive = _temp_owner_alive(p.name)
+                    if alive is False or (alive is None and now - p.stat().st_mtime >= temp_age_s):
                         p.unlink()
                         removed_temps += 1
                 except FileNotFoundError:
