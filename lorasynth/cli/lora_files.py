@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..blend import blend
+from ..blending import blend
 from ..errors import LorasynthError
 from ..formats import SAVE_FORMATS, load_lora, save_lora
 

@@ -36,7 +36,7 @@ def _train_config(args):
 
 
 def _synthesis_flags(p) -> None:
-    p.add_argument("--model", required=True, help="model folder made by `lorasynth train`")
+    p.add_argument("--model", required=True, help="model folder made by `lorasynth train`, or a Hugging Face hub id org/name")
     p.add_argument("--pack", default=None, help="override the pack path recorded in the model")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
@@ -174,7 +174,7 @@ def _numbered(path: Path, i: int, n: int) -> Path:
 def cmd_synthesize(args) -> int:
     from ..synthesis import Synthesizer, write_synthesized
 
-    syn = Synthesizer(args.model, pack=args.pack, model_root=args.model_root)
+    syn = Synthesizer.from_pretrained(args.model, pack=args.pack, model_root=args.model_root)
     t0 = time.perf_counter()
     if args.face:
         embedding, selection = syn.embed_photo(args.face, args.face_index)
@@ -199,7 +199,7 @@ def cmd_synthesize(args) -> int:
 def cmd_sample(args) -> int:
     from ..synthesis import Synthesizer, SynthesisSettings, write_synthesized
 
-    syn = Synthesizer(args.model, pack=args.pack)
+    syn = Synthesizer.from_pretrained(args.model, pack=args.pack)
     s = SynthesisSettings(strategy="sample", guidance=args.guidance, steps=args.steps, seed=args.seed, samples=args.n)
     out = Path(args.out_dir)
     for i, r in enumerate(syn.synthesize(None, s)):
@@ -230,7 +230,7 @@ def _write_latent(syn, z, path: str, meta: dict) -> None:
 def cmd_interpolate(args) -> int:
     from ..synthesis import Synthesizer
 
-    syn = Synthesizer(args.model)
+    syn = Synthesizer.from_pretrained(args.model)
     za, zb = _encode_lora(syn, args.a), _encode_lora(syn, args.b)
     _write_latent(syn, (1 - args.t) * za + args.t * zb, args.output,
                   {"lorasynth.interpolate": json.dumps([Path(args.a).name, Path(args.b).name, args.t])})
@@ -244,7 +244,7 @@ def cmd_edit(args) -> int:
     from ..library.store import Library
     from ..synthesis import Synthesizer
 
-    syn = Synthesizer(args.model)
+    syn = Synthesizer.from_pretrained(args.model)
     direction, score_std = attribute_direction(syn, Library.open(args.library), args.attribute)
     z = _encode_lora(syn, args.lora)
     z2 = z + args.strength * score_std * torch.from_numpy(direction).float()[None]
@@ -256,7 +256,7 @@ def cmd_eval(args) -> int:
     from ..evaluate import evaluate, identity_similarity, save_report
     from ..synthesis import Synthesizer
 
-    syn = Synthesizer(args.model, pack=args.pack)
+    syn = Synthesizer.from_pretrained(args.model, pack=args.pack)
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     results = evaluate(syn, strategies, args.max_items, _settings(args, "diffusion"))
     if args.faces:
