@@ -21,6 +21,7 @@ opens a local folder or a hub id (through ``huggingface_hub.snapshot_download``,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -84,6 +85,7 @@ class ModelInfo:
             "pack": lambda v: isinstance(v, str),
             "train_ids": _int_list,
             "heldout_ids": _int_list,
+            "val_ids": _int_list,
             "latent_kind": lambda v: v is None or v in ("vae", "pca"),
             "has_hypernet": lambda v: isinstance(v, bool),
             "version": lambda v: type(v) is int,
@@ -123,6 +125,26 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _verified_part(part: str):
+    """Decorator of ``load_<part>``: verify the part's recorded hashes first; loader failures
+    (a missing file, a config that does not fit its weights...) become one ModelError line."""
+    def wrap(load):
+        @functools.wraps(load)
+        def checked(self):
+            self.verify(part)
+            try:
+                return load(self)
+            except LorasynthError as e:
+                if "\n" not in str(e):
+                    raise
+                raise type(e)(_one_line(str(e))) from None  # e.g. a torch size-mismatch dump inside the message
+            except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ModelError(f"the {part} model in {self.path / part} does not load "
+                                 f"({type(e).__name__}: {_one_line(str(e))})") from None
+        return checked
+    return wrap
 
 
 class SynthesisModel:
@@ -227,19 +249,6 @@ class SynthesisModel:
                 raise ModelError(f"{f} does not match the SHA-256 recorded at export: the file is damaged or was "
                                  "altered; copy or download the model again")
 
-    def _load_part(self, part: str, loader):
-        """Verify a part's files, then load it; loader failures become one ModelError line."""
-        self.verify(part)
-        try:
-            return loader()
-        except LorasynthError as e:
-            if "\n" not in str(e):
-                raise
-            raise type(e)(_one_line(str(e))) from None  # e.g. a torch size-mismatch dump inside the message
-        except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ModelError(f"the {part} model in {self.path / part} does not load "
-                             f"({type(e).__name__}: {_one_line(str(e))})") from None
-
     # ---------------------------------------------------------------- parts
     @property
     def latent_dir(self) -> Path:
@@ -264,22 +273,24 @@ class SynthesisModel:
             raise ModelError(f"pack {pack.path} has layout {pack.layout.signature}, the model {self.info.layout_signature}")
         return pack
 
+    @_verified_part("latent")
     def load_latent(self):
         from .latent import load_latent
 
         if not self.info.latent_kind:
             raise ModelError(f"model {self.path} has no latent model yet; run `lorasynth train vae`")
-        model = self._load_part("latent", lambda: load_latent(self.latent_dir))
+        model = load_latent(self.latent_dir)
         if model.layout_signature and model.layout_signature != self.info.layout_signature:
             raise ModelError("latent model was trained on another layout than this model folder")
         return model
 
+    @_verified_part("hypernet")
     def load_hypernet(self):
         from .hypernet.diffusion import HypernetDiffusion
 
         if not self.info.has_hypernet:
             raise ModelError(f"model {self.path} has no hypernetwork yet; run `lorasynth train hypernet`")
-        return self._load_part("hypernet", lambda: HypernetDiffusion.load(self.hypernet_dir).eval())
+        return HypernetDiffusion.load(self.hypernet_dir).eval()
 
     def model_hash(self) -> str:
         """Short sha256 over the exported weight files: provenance for synthesized LoRAs.

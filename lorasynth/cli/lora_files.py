@@ -5,31 +5,43 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from ..blending import blend
 from ..errors import LorasynthError
-from ..formats import SAVE_FORMATS, load_lora, save_lora
+from .helpfmt import examples
+
+# formats the writers offer (lorasynth.formats.SAVE_FORMATS); spelled out so `--help` imports no torch
+SAVE_FORMATS = ("kohya", "diffusers")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("inspect", help="show a LoRA file's format, modules, ranks, alphas, norms")
-    p.add_argument("file")
+    p = sub.add_parser("inspect", help="show a LoRA file's format, modules, ranks, alphas, norms",
+                       description="Read a LoRA file (kohya, diffusers or peft; never unpickled) and show its format, "
+                                   "modules, ranks, alphas, base model, parameter count, update norm and metadata.",
+                       epilog=examples("lorasynth inspect me.safetensors", "lorasynth inspect me.safetensors --modules",
+                                       "lorasynth inspect me.safetensors --json > me.json"))
+    p.add_argument("file", metavar="LORA_FILE", help="the .safetensors LoRA file")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--modules", action="store_true", help="list every module")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("convert", help="convert a LoRA file between layouts (kohya, diffusers)")
-    p.add_argument("input")
-    p.add_argument("output")
-    p.add_argument("--to", choices=SAVE_FORMATS, default="kohya")
+    p = sub.add_parser("convert", help="convert a LoRA file between layouts (kohya, diffusers)",
+                       description="Read a LoRA file of any supported layout and write it in another; the updates "
+                                   "are kept exactly. kohya loads in A1111, ComfyUI and diffusers.",
+                       epilog=examples("lorasynth convert pytorch_lora_weights.safetensors me_kohya.safetensors",
+                                       "lorasynth convert me.safetensors me_diffusers.safetensors --to diffusers"))
+    p.add_argument("input", metavar="INPUT", help="LoRA file to read (any supported layout)")
+    p.add_argument("output", metavar="OUTPUT", help="LoRA file to write")
+    p.add_argument("--to", choices=SAVE_FORMATS, default="kohya", help="layout of OUTPUT")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("blend", help="weighted sum of LoRAs: FILE=WEIGHT ... (exact, or --rank R)")
-    p.add_argument("items", nargs="+", metavar="FILE=WEIGHT")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--rank", type=int, default=None, help="truncate each module to this rank (optimal SVD)")
-    p.add_argument("--to", choices=SAVE_FORMATS, default="kohya")
+    p = sub.add_parser("blend", help="weighted sum of LoRAs: FILE=WEIGHT ... (exact, or --rank R)",
+                       description="Write the exact weighted sum of the LoRAs' updates (sum of w_i * dW_i; weights "
+                                   "may be negative; ranks add up), or its best rank-R approximation with --rank.",
+                       epilog=examples("lorasynth blend me.safetensors=0.8 style.safetensors=0.4 -o mix.safetensors",
+                                       "lorasynth blend a.safetensors=1 b.safetensors=-0.3 --rank 8 -o ab.safetensors"))
+    p.add_argument("items", nargs="+", metavar="FILE=WEIGHT", help="LoRA files with their weights")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="LoRA file to write")
+    p.add_argument("--rank", type=int, default=None, help="truncate each module to this rank (optimal SVD; default: exact)")
+    p.add_argument("--to", choices=SAVE_FORMATS, default="kohya", help="layout of OUT")
     p.set_defaults(func=cmd_blend)
 
 
@@ -47,6 +59,8 @@ def parse_weighted(item: str, default: float | None = None) -> tuple[str, float]
 
 
 def summarize(lora) -> dict:
+    import torch
+
     mods = lora.modules
     fro = sum(m.delta(torch.float32).square().sum().item() for m in mods.values()) ** 0.5
     meta = lora.metadata
@@ -66,6 +80,10 @@ def summarize(lora) -> dict:
 
 
 def cmd_inspect(args) -> int:
+    import torch
+
+    from ..formats import load_lora
+
     lora = load_lora(args.file)
     info = summarize(lora)
     if args.modules or args.json:
@@ -89,6 +107,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    from ..formats import load_lora, save_lora
+
     lora = load_lora(args.input)
     save_lora(lora, args.output, args.to)
     print(f"wrote {args.output} ({args.to}, {len(lora)} modules)")
@@ -96,6 +116,9 @@ def cmd_convert(args) -> int:
 
 
 def cmd_blend(args) -> int:
+    from ..blending import blend
+    from ..formats import load_lora, save_lora
+
     pairs = [parse_weighted(i) for i in args.items]
     loras = [load_lora(p) for p, _ in pairs]
     out, report = blend(loras, [w for _, w in pairs], rank=args.rank)
