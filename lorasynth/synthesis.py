@@ -69,6 +69,7 @@ class Synthesizer:
     def __init__(self, model_dir: str | Path | SynthesisModel, pack: str | Path | None = None,
                  model_root: str | None = None):
         self.model = model_dir if isinstance(model_dir, SynthesisModel) else SynthesisModel.open(model_dir)
+        self.model.start_verify()  # weights are hashed in the background; loading a part waits for it
         self.layout = self.model.layout
         self._pack_override = pack
         self._model_root = model_root

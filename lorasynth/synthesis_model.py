@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 
@@ -153,6 +154,8 @@ class SynthesisModel:
     def __init__(self, path: str | Path, info: ModelInfo):
         self.path = Path(path)
         self.info = info
+        self._hashing: threading.Thread | None = None
+        self._digests: dict[str, str | OSError] = {}
         try:
             self.layout = Layout.from_dict(info.layout)
         except (LorasynthError, TypeError, ValueError, KeyError, AttributeError) as e:
@@ -234,6 +237,9 @@ class SynthesisModel:
 
         Folders saved before hashes were recorded have nothing to check.
         """
+        if self._hashing is not None:
+            self._hashing.join()
+            self._hashing = None
         for rel, digest in sorted(self.info.files.items()):
             if part is not None and not rel.startswith(part + "/"):
                 continue
@@ -241,13 +247,33 @@ class SynthesisModel:
             if not f.is_file():
                 raise ModelError(f"model folder {self.path} is missing {rel} (recorded at export); "
                                  "copy or download the whole folder again")
+            actual = self._digests.pop(rel, None)
             try:
-                actual = sha256_file(f)
+                if isinstance(actual, OSError):
+                    raise actual
+                actual = actual or sha256_file(f)
             except OSError as e:
                 raise ModelError(f"cannot read {f}: {e.strerror or e}") from None
             if actual != digest:
                 raise ModelError(f"{f} does not match the SHA-256 recorded at export: the file is damaged or was "
                                  "altered; copy or download the model again")
+
+    def start_verify(self) -> None:
+        """Hash the recorded files in a background thread (hashlib releases the GIL), so that a
+        later :meth:`verify` (loading a part) only waits for what is left: a synthesis process
+        hashes the weights while it embeds the face photo."""
+        if self._hashing is not None or not self.info.files:
+            return
+
+        def work() -> None:
+            for rel in self.info.files:
+                try:
+                    self._digests[rel] = sha256_file(self.path / rel)
+                except OSError as e:
+                    self._digests[rel] = e
+
+        self._hashing = threading.Thread(target=work, name="lorasynth-verify", daemon=True)
+        self._hashing.start()
 
     # ---------------------------------------------------------------- parts
     @property

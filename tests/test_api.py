@@ -134,6 +134,12 @@ def test_synthesizer_call_returns_a_lora_with_provenance(model_dir, photo, tmp_p
     back = lorasynth.load_lora(path)
     assert back.metadata["lorasynth.strategy"] == "diffusion"
     assert max((back.modules[n].delta() - lora.modules[n].delta()).abs().max().item() for n in lora.modules) < 1e-6
+    from lorasynth.cli.main import main  # the CLI (face embedder built in a background thread) writes the same LoRA
+
+    assert main(["synthesize", "--face", str(photo), "--model", str(model_dir), "--seed", "3",
+                 "-o", str(tmp_path / "cli.safetensors")]) == 0
+    cli = lorasynth.load_lora(tmp_path / "cli.safetensors")
+    assert all(torch.equal(cli.modules[n].up, back.modules[n].up) for n in lora.modules)
 
 
 def test_blend_takes_pairs_of_loras_or_paths(tmp_path):

@@ -211,7 +211,30 @@ def _numbered(path: Path, i: int, n: int) -> Path:
     return path if n == 1 else path.with_name(f"{path.stem}_{i}{path.suffix}")
 
 
+def _prewarm_embedder(model: str, model_root: str | None) -> None:
+    """Build the model's face embedder in a background thread, while this one imports torch and
+    opens the model: dlib's HOG detector alone takes about a third of a torch import to build, and
+    it overlaps. Failures are left for the foreground to report."""
+    import threading
+
+    def work() -> None:
+        try:
+            info = json.loads((Path(model) / "lorasynth_model.json").read_text(encoding="utf-8"))
+            if info.get("embedder") in ("dlib", "arcface"):
+                from ..faces import get_embedder
+
+                get_embedder(info["embedder"], model_root=model_root)
+        except Exception:  # noqa: BLE001 - the foreground reports the same problem properly
+            pass
+
+    if Path(model).is_dir():
+        threading.Thread(target=work, name="lorasynth-prewarm", daemon=True).start()
+
+
 def cmd_synthesize(args) -> int:
+    if args.face:
+        _prewarm_embedder(args.model, args.model_root)
+
     import numpy as np
 
     from ..synthesis import Synthesizer, write_synthesized
