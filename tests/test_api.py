@@ -218,6 +218,11 @@ def test_save_pretrained_writes_a_hub_repo_with_a_model_card(model_dir, tmp_path
         syn(embedding=np.ones(128), strategy="nearest")
     with pytest.raises(ModelError, match="not an empty folder"):
         SynthesisModel.open(model_dir).save_pretrained(out)
+    from lorasynth.cli.main import main
+
+    assert main(["export-model", str(model_dir), str(tmp_path / "cli"), "--include-pack", "--license", "mit"]) == 0
+    assert read_model_card(tmp_path / "cli")["license"] == "mit" and (tmp_path / "cli" / "pack").is_dir()
+    assert main(["export-model", str(model_dir), str(tmp_path / "cli")]) == 2  # one-line error: not empty
 
 
 def _hub_cache(model_dir: Path, cache: Path, repo: str = "org/tiny-model") -> Path:

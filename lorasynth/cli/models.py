@@ -107,6 +107,20 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="LoRA file to write")
     p.set_defaults(func=cmd_synthesize)
 
+    p = sub.add_parser("export-model", help="write a shareable copy of a model: a hub repository with a model card",
+                       description="Copy a model folder's weights and config (with the SHA-256 of every file) into a "
+                                   "new folder with a model card README.md, ready to upload to the Hugging Face hub; "
+                                   "training checkpoints stay behind.",
+                       epilog=examples("lorasynth export-model model share/w2w-dlib --license mit",
+                                       "huggingface-cli upload org/w2w-dlib share/w2w-dlib"))
+    p.add_argument("model", metavar="MODEL", help="model folder made by `lorasynth train`")
+    p.add_argument("out", metavar="OUT", help="new (or empty) folder to write")
+    p.add_argument("--include-pack", action="store_true",
+                   help="also copy the training pack (large; needed by the nearest/blend strategies)")
+    p.add_argument("--base-model", default=None, help="base model recorded in the card (default: the SD1.5 hub id)")
+    p.add_argument("--license", default="other", help="license recorded in the card")
+    p.set_defaults(func=cmd_export_model)
+
     p = sub.add_parser("sample", help="sample new identities (unconditional)",
                        description="Write LoRAs of new, made-up identities: the hypernetwork sampled without a face "
                                    "condition.",
@@ -258,6 +272,15 @@ def cmd_synthesize(args) -> int:
         path = write_synthesized(r, _numbered(out, i, len(results)), args.to)
         print(f"wrote {path} ({args.strategy}, {len(r.lora)} modules)")
     print(f"embedding {t1 - t0:.2f}s, synthesis+write {time.perf_counter() - t1:.2f}s")
+    return 0
+
+
+def cmd_export_model(args) -> int:
+    from ..synthesis_model import SynthesisModel
+
+    out = SynthesisModel.open(args.model).save_pretrained(args.out, include_pack=args.include_pack,
+                                                          base_model=args.base_model, license=args.license)
+    print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
 
 
