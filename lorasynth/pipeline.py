@@ -238,17 +238,26 @@ def _a1111_value(value: str) -> str:
     return json.dumps(value) if any(c in value for c in ',:\n"') else value
 
 
-def format_parameters(settings: GenerationSettings, extra: dict[str, str] | None = None) -> str:
-    """The A1111-style "parameters" text: prompt, negative prompt, then ``Key: value`` pairs.
+#: lorasynth scheduler name -> the sampler name A1111 writes in its infotext (and reads back).
+A1111_SAMPLERS = {"dpm": "DPM++ 2M", "euler": "Euler", "lcm": "LCM", "ddim": "DDIM"}
 
-    ``extra`` items are appended as given, e.g. ``{"Model": "sd15", "Lora": "a.safetensors:0.8"}``.
+
+def format_parameters(settings: GenerationSettings, extra: dict[str, str] | None = None,
+                      loras: list[tuple[str, float]] | None = None) -> str:
+    """The A1111 infotext ("parameters"): prompt, negative prompt, then ``Key: value`` pairs.
+
+    The sampler is written under A1111's name (``DPM++ 2M``, ``Euler``...). ``loras``
+    (``[(name, scale)]``) are appended to the prompt as A1111's ``<lora:name:scale>`` tags, so
+    pasting the text into A1111 applies them; ``extra`` items (e.g. ``Model hash``,
+    ``Lora hashes``) are appended as given.
     """
-    lines = [settings.prompt]
+    prompt = settings.prompt + "".join(f" <lora:{name}:{scale:g}>" for name, scale in loras or [])
+    lines = [prompt]
     if settings.negative_prompt:
         lines.append(f"Negative prompt: {settings.negative_prompt}")
     pairs = {
         "Steps": str(settings.steps),
-        "Sampler": settings.scheduler,
+        "Sampler": A1111_SAMPLERS.get(settings.scheduler, settings.scheduler),
         "CFG scale": f"{settings.guidance:g}",
         "Seed": str(settings.seed),
         "Size": f"{settings.width}x{settings.height}",
@@ -259,7 +268,8 @@ def format_parameters(settings: GenerationSettings, extra: dict[str, str] | None
     return "\n".join(lines)
 
 
-def save_png(image, path: str | Path, settings: GenerationSettings, extra: dict[str, str] | None = None) -> Path:
+def save_png(image, path: str | Path, settings: GenerationSettings, extra: dict[str, str] | None = None,
+             loras: list[tuple[str, float]] | None = None) -> Path:
     """Write ``image`` as PNG with its settings in the metadata, atomically.
 
     Two text chunks: ``parameters`` (A1111 format, read by most SD tools) and ``lorasynth``
@@ -271,7 +281,7 @@ def save_png(image, path: str | Path, settings: GenerationSettings, extra: dict[
 
     path = Path(path)
     info = PngInfo()
-    info.add_text("parameters", format_parameters(settings, extra))
+    info.add_text("parameters", format_parameters(settings, extra, loras))
     payload = {"lorasynth_version": __version__, "settings": dataclasses.asdict(settings), "extra": dict(extra or {})}
     info.add_text("lorasynth", json.dumps(payload, ensure_ascii=False))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ import torch
 from . import __version__
 from .blending import blend as blend_loras
 from .errors import LorasynthError, ModelError
-from .formats import save_lora
+from .formats import save_lora, synthesized_metadata
 from .lora import LoRA
 from .synthesis_model import SynthesisModel
 
@@ -208,6 +208,7 @@ class Synthesizer:
         }
         if source:
             prov["lorasynth.source"] = source
+        prov.update(synthesized_metadata())  # trigger phrase "sks person" (modelspec.trigger_phrase, ss_tag_frequency)
         t0 = time.perf_counter()
         if s.strategy == "sample":
             z = self.diffusion_latents(None, s)

@@ -54,6 +54,13 @@ def photo(tmp_path_factory):
     return path
 
 
+def _load_tiny(path, syn) -> lorasynth.LoRA:
+    """A file of the tiny layout (its modules are not SD1.5-sized): names resolved against the layout."""
+    from lorasynth.formats import ModuleTree, load_lora
+
+    return load_lora(path, tree=ModuleTree.from_specs(syn.layout.modules))
+
+
 def _copy_model(model_dir: Path, dest: Path) -> Path:
     shutil.copytree(model_dir, dest, ignore=shutil.ignore_patterns("train"))
     return dest
@@ -120,6 +127,7 @@ def test_synthesizer_call_returns_a_lora_with_provenance(model_dir, photo, tmp_p
     meta = lora.metadata
     assert meta["lorasynth.strategy"] == "diffusion" and meta["lorasynth.seed"] == "3"
     assert meta["lorasynth.source"] == "me.jpg" and meta["lorasynth.model_hash"] == syn.model_hash
+    assert meta["modelspec.trigger_phrase"] == "sks person"
     e, _ = syn.embed_photo(photo)
     same = syn(embedding=e, seed=3)
     assert all(torch.equal(same.modules[n].up, lora.modules[n].up) for n in lora.modules)
@@ -131,14 +139,14 @@ def test_synthesizer_call_returns_a_lora_with_provenance(model_dir, photo, tmp_p
     with pytest.raises(LorasynthError, match="needs a face photo or embedding"):
         syn(strategy="nearest")
     path = lora.save(tmp_path / "me.safetensors")
-    back = lorasynth.load_lora(path)
+    back = _load_tiny(path, syn)
     assert back.metadata["lorasynth.strategy"] == "diffusion"
     assert max((back.modules[n].delta() - lora.modules[n].delta()).abs().max().item() for n in lora.modules) < 1e-6
     from lorasynth.cli.main import main  # the CLI (face embedder built in a background thread) writes the same LoRA
 
     assert main(["synthesize", "--face", str(photo), "--model", str(model_dir), "--seed", "3",
                  "-o", str(tmp_path / "cli.safetensors")]) == 0
-    cli = lorasynth.load_lora(tmp_path / "cli.safetensors")
+    cli = _load_tiny(tmp_path / "cli.safetensors", syn)
     assert all(torch.equal(cli.modules[n].up, back.modules[n].up) for n in lora.modules)
 
 
@@ -244,8 +252,8 @@ def test_from_pretrained_reads_a_hub_id_from_the_local_cache_offline(model_dir, 
            "--model", "org/tiny-model", "-o", str(tmp_path / "out.safetensors")]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
-    assert lorasynth.load_lora(tmp_path / "out.safetensors").metadata["lorasynth.model_hash"] == \
-        lorasynth.Synthesizer(snapshot).model_hash
+    syn = lorasynth.Synthesizer(snapshot)
+    assert _load_tiny(tmp_path / "out.safetensors", syn).metadata["lorasynth.model_hash"] == syn.model_hash
     code = ("import lorasynth; m = lorasynth.SynthesisModel.from_pretrained('org/tiny-model'); print(m.path); "
             "lorasynth.SynthesisModel.from_pretrained('org/absent-model')")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

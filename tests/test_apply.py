@@ -95,7 +95,7 @@ def test_peft_file_is_applied_with_its_alpha(tiny_pipeline, tmp_path):
         tensors[f"base_model.model.{n.split('.', 1)[1]}.lora_B.weight"] = m.up
     save_file(tensors, tmp_path / "adapter_model.safetensors")
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 27}))
-    loaded = load_lora(tmp_path / "adapter_model.safetensors")
+    loaded = load_lora(tmp_path / "adapter_model.safetensors", tree=pipeline_tree(tiny_pipeline))
     name = next(iter(unet_only))
     layer = tiny_pipeline.unet.get_submodule(name.split(".", 1)[1])
     w0 = layer.weight.detach().clone()

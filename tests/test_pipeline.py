@@ -275,7 +275,7 @@ def test_png_metadata_round_trips(tiny_pipeline, tmp_path):
         payload = json.loads(im.text["lorasynth"])
     assert params.splitlines()[0] == PROMPT
     assert params.splitlines()[1] == "Negative prompt: blurry"
-    assert params.splitlines()[2].startswith("Steps: 3, Sampler: euler, CFG scale: 5, Seed: 7, Size: 64x64")
+    assert params.splitlines()[2].startswith("Steps: 3, Sampler: Euler, CFG scale: 5, Seed: 7, Size: 64x64")
     assert 'Lora: "face.safetensors:0.8, style.safetensors:0.5"' in params
     assert payload["settings"]["seed"] == 7 and payload["extra"] == extra
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorasynth.errors import LorasynthError, ModelError
-from lorasynth.formats import load_lora
+from lorasynth.formats import ModuleTree, load_lora
 from lorasynth.synthesis import SynthesisSettings, Synthesizer, write_synthesized
 
 
@@ -49,13 +49,14 @@ def test_every_strategy_writes_a_loadable_kohya_lora(model_dir, tmp_path):
     for strategy in ("diffusion", "blend", "nearest", "sample"):
         result = syn.synthesize(None if strategy == "sample" else e, SynthesisSettings(strategy=strategy, seed=3))[0]
         path = write_synthesized(result, tmp_path / f"{strategy}.safetensors")
-        back = load_lora(path)
+        back = load_lora(path, tree=ModuleTree.from_specs(syn.layout.modules))
         assert back.metadata["lorasynth.strategy"] == strategy
         assert back.metadata["lorasynth.model_hash"] == syn.model_hash
         assert back.metadata["ss_network_module"] == "networks.lora"
+        assert back.metadata["modelspec.trigger_phrase"] == "sks person"
         assert set(back.modules) == set(syn.layout.names)
         assert all(torch.isfinite(m.delta()).all() for m in back.modules.values())
-    assert load_lora(tmp_path / "blend.safetensors").modules[syn.layout.names[0]].rank == 8  # exact top-8 blend
+    assert load_lora(tmp_path / "blend.safetensors", tree=ModuleTree.from_specs(syn.layout.modules)).modules[syn.layout.names[0]].rank == 8  # exact top-8 blend
 
 
 def test_nearest_returns_the_library_entry_with_the_closest_embedding(model_dir):
@@ -152,6 +153,7 @@ def test_cli_synthesize_sample_interpolate(model_dir, tmp_path):
     assert len(list((tmp_path / "new").glob("*.safetensors"))) == 2
     assert main(["interpolate", str(tmp_path / "s_0.safetensors"), str(tmp_path / "s_1.safetensors"),
                  "--model", str(model_dir), "-o", str(tmp_path / "mid.safetensors")]) == 0
-    assert load_lora(tmp_path / "mid.safetensors").metadata["lorasynth.interpolate"]
+    layout = Synthesizer(model_dir).layout
+    assert load_lora(tmp_path / "mid.safetensors", tree=ModuleTree.from_specs(layout.modules)).metadata["lorasynth.interpolate"]
     assert main(["synthesize", "--embedding", str(tmp_path / "missing.npy"), "--model", str(model_dir), "-o",
                  str(tmp_path / "x.safetensors")]) == 2

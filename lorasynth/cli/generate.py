@@ -37,13 +37,56 @@ def register(sub) -> None:
     p.add_argument("--no-channels-last", action="store_true", help="keep the default memory format")
     p.add_argument("-o", "--output", required=True, metavar="PNG", help="image file to write (.png)")
     p.set_defaults(func=cmd_generate)
+    add_alpha_argument(p)
+
+
+def add_alpha_argument(p) -> None:
+    from .lora_files import ALPHA_HELP
+
+    p.add_argument("--alpha", type=float, default=None, help=ALPHA_HELP)
+
+
+def _lora_weights_file(path: str) -> Path:
+    p = Path(path)
+    return p / "adapter_model.safetensors" if p.is_dir() else p
+
+
+def infotext_fields(base: str, lora_args: list[tuple[str, float]]) -> tuple[dict[str, str], list[tuple[str, float]]]:
+    """A1111's infotext fields for a base model and LoRA files: ``({"Model hash", "Model",
+    "Lora hashes", "Lora"}, [(lora name, scale)])``.
+
+    ``Model hash`` is the first 10 digits of the sha256 of a single-file checkpoint (A1111's
+    short hash; a diffusers folder or hub id has none); ``Lora hashes`` gives each LoRA's
+    A1111 hash (sha256 of the safetensors data section, 12 digits) under the name its
+    ``<lora:name:scale>`` tag uses.
+    """
+    from ..formats.metadata import lora_file_hash, model_file_hash
+
+    extra: dict[str, str] = {}
+    base_path = Path(base)
+    if base_path.is_file():
+        extra["Model hash"] = model_file_hash(base_path)[:10]
+        extra["Model"] = base_path.stem
+    else:
+        extra["Model"] = base_path.name if base_path.is_dir() else str(base)
+    tags = []
+    hashes = []
+    for path, scale in lora_args:
+        weights = _lora_weights_file(path)
+        name = Path(path).name if Path(path).is_dir() else weights.stem
+        tags.append((name, scale))
+        hashes.append(f"{name}: {lora_file_hash(weights)[:12]}")
+    if hashes:
+        extra["Lora hashes"] = ", ".join(hashes)
+        extra["Lora"] = json.dumps([[Path(p).name, s] for p, s in lora_args])
+    return extra, tags
 
 
 def cmd_generate(args) -> int:
     from ..apply import fused, pipeline_tree
-    from ..formats import load_lora
     from ..pipeline import GenerationSettings, generate, load_pipeline, save_png
     from ..tiny import read_tiny_marker
+    from .lora_files import load_reporting
 
     if not args.output.lower().endswith(".png"):
         raise LorasynthError(f"output must be a .png file, got {args.output}")
@@ -58,14 +101,14 @@ def cmd_generate(args) -> int:
     if Path(args.base).is_dir() and read_tiny_marker(args.base):
         print("note: this base model has random weights (lorasynth test/demo model): images show mechanics, not quality")
     tree = pipeline_tree(pipe)
-    loras = [(load_lora(path, tree=tree), scale) for path, scale in lora_args]
+    loras = [(load_reporting(path, tree=tree, alpha=args.alpha), scale) for path, scale in lora_args]
     t1 = time.perf_counter()
     with fused(pipe, loras) as handle:
         t2 = time.perf_counter()
         image = generate(pipe, settings)
     t3 = time.perf_counter()
-    extra = {"Model": str(args.base), "Lora": json.dumps([[Path(p).name, s] for p, s in lora_args])}
-    save_png(image, args.output, settings, extra)
+    extra, tags = infotext_fields(args.base, lora_args)
+    save_png(image, args.output, settings, extra, tags)
     print(
         f"wrote {args.output} ({settings.width}x{settings.height}, {settings.steps} steps, seed {settings.seed}); "
         f"load {t1 - t0:.1f}s, fuse {handle.num_layers} layers {t2 - t1:.2f}s, generate {t3 - t2:.1f}s"

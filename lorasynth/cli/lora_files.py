@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from ..errors import LorasynthError
 from .helpfmt import examples
 
 # formats the writers offer (lorasynth.formats.SAVE_FORMATS); spelled out so `--help` imports no torch
-SAVE_FORMATS = ("kohya", "diffusers")
+SAVE_FORMATS = ("kohya", "diffusers", "peft")
+ALPHA_HELP = ("alpha of a peft adapter (overrides its adapter_config.json; needed when that file is missing: "
+              "weights2weights LoRAs use 27); ignored for kohya/diffusers files, which carry their alphas")
 
 
 def register(sub) -> None:
@@ -43,6 +46,16 @@ def register(sub) -> None:
     p.add_argument("--rank", type=int, default=None, help="truncate each module to this rank (optimal SVD; default: exact)")
     p.add_argument("--to", choices=SAVE_FORMATS, default="kohya", help="layout of OUT")
     p.set_defaults(func=cmd_blend)
+    add_format_options(sub)
+
+
+def add_format_options(sub) -> None:
+    """Options every LoRA-file command shares: ``--alpha`` for peft adapters; peft output notes."""
+    for name in ("inspect", "convert", "blend"):
+        sub.choices[name].add_argument("--alpha", type=float, default=None, help=ALPHA_HELP)
+    sub.choices["convert"].epilog = ((sub.choices["convert"].epilog or "") +
+                                     "\n--to peft writes OUTPUT as a folder (adapter_model.safetensors + "
+                                     "adapter_config.json), or beside OUTPUT if it ends in .safetensors.").strip()
 
 
 def parse_weighted(item: str, default: float | None = None) -> tuple[str, float]:
@@ -58,13 +71,34 @@ def parse_weighted(item: str, default: float | None = None) -> tuple[str, float]
         raise LorasynthError(f"weight in {item!r} is not a number") from None
 
 
+def load_reporting(path, **kwargs):
+    """``load_lora`` printing each FormatWarning as one ``lorasynth: warning:`` line on stderr."""
+    import warnings
+
+    from ..formats import FormatWarning, load_lora
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FormatWarning)
+        lora = load_lora(path, **kwargs)
+    for w in caught:
+        if issubclass(w.category, FormatWarning):
+            print(f"lorasynth: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return lora
+
+
 def summarize(lora) -> dict:
+    """What the reader inferred from the weights (top-level keys) and, apart, ``file_metadata``:
+    the file's own header metadata exactly as stored (nothing lorasynth added)."""
     import torch
+
+    from ..formats import INFERRED_KEYS
 
     mods = lora.modules
     fro = sum(m.delta(torch.float32).square().sum().item() for m in mods.values()) ** 0.5
     meta = lora.metadata
-    return {
+    info = {
         "format": meta.get("lorasynth.source_format"),
         "modules": len(mods),
         "components": sorted(lora.components),
@@ -75,16 +109,17 @@ def summarize(lora) -> dict:
         "dtype": str(next(iter(mods.values())).down.dtype).replace("torch.", "") if mods else None,
         "base_model_version": meta.get("ss_base_model_version", "unknown (assumed sd_v1)"),
         "delta_frobenius_norm": fro,
-        "metadata": {k: v for k, v in meta.items() if k != "lora_adapter_metadata"},
     }
+    if "lorasynth.warning" in meta:
+        info["warning"] = meta["lorasynth.warning"]
+    info["file_metadata"] = {k: v for k, v in meta.items() if k not in INFERRED_KEYS}
+    return info
 
 
 def cmd_inspect(args) -> int:
     import torch
 
-    from ..formats import load_lora
-
-    lora = load_lora(args.file)
+    lora = load_reporting(args.file, alpha=args.alpha)
     info = summarize(lora)
     if args.modules or args.json:
         info["module_list"] = [
@@ -96,32 +131,37 @@ def cmd_inspect(args) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{args.file}")
-    for key in ("format", "modules", "components", "ranks", "alphas", "conv_modules", "params", "dtype",
-                "base_model_version", "delta_frobenius_norm"):
-        print(f"  {key:22s} {info[key]}")
-    for k, v in info["metadata"].items():
-        print(f"  meta {k:17s} {v[:100]}")
+    print("  read from the weights:")
+    for key, value in info.items():
+        if key not in ("file_metadata", "module_list"):
+            print(f"    {key:22s} {value}")
+    file_meta = info["file_metadata"]
+    print(f"  file metadata ({len(file_meta)} keys):" if file_meta else "  file metadata: none")
+    for k, v in file_meta.items():
+        v = " ".join(v.split())
+        print(f"    {k:22s} {v[:100]}{'...' if len(v) > 100 else ''}")
     for row in info.get("module_list", []):
         print(f"  {row['name']}  r={row['rank']} alpha={row['alpha']:g} |dW|={row['delta_norm']:.4g}")
     return 0
 
 
 def cmd_convert(args) -> int:
-    from ..formats import load_lora, save_lora
+    from ..formats import save_lora
 
-    lora = load_lora(args.input)
-    save_lora(lora, args.output, args.to)
-    print(f"wrote {args.output} ({args.to}, {len(lora)} modules)")
+    lora = load_reporting(args.input, alpha=args.alpha)
+    written = save_lora(lora, args.output, args.to)
+    print(f"wrote {written} ({args.to}, {len(lora)} modules)")
     return 0
 
 
 def cmd_blend(args) -> int:
     from ..blending import blend
-    from ..formats import load_lora, save_lora
+    from ..formats import merged_metadata, save_lora
 
     pairs = [parse_weighted(i) for i in args.items]
-    loras = [load_lora(p) for p, _ in pairs]
+    loras = [load_reporting(p, alpha=args.alpha) for p, _ in pairs]
     out, report = blend(loras, [w for _, w in pairs], rank=args.rank)
+    out.metadata.update(merged_metadata([(Path(p).name, lora.metadata) for (p, _), lora in zip(pairs, loras)]))
     out.metadata["lorasynth.blend_sources"] = json.dumps([[Path(p).name, w] for p, w in pairs])
     save_lora(out, args.output, args.to)
     ranks = sorted(out.ranks)

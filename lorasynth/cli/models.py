@@ -298,9 +298,9 @@ def cmd_sample(args) -> int:
 def _encode_lora(syn, path: str):
     import torch
 
-    from ..formats import load_lora
+    from ..formats import ModuleTree, load_lora
 
-    vec = syn.layout.flatten(load_lora(path), canonical=True)
+    vec = syn.layout.flatten(load_lora(path, tree=ModuleTree.from_specs(syn.layout.modules)), canonical=True)
     with torch.no_grad():
         return syn.latent.encode(syn.latent.standardize(vec[None].numpy()))
 

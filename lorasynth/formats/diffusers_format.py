@@ -3,7 +3,13 @@
 Alphas live in the header metadata ``lora_adapter_metadata`` as the LoraConfig per
 component (``unet.lora_alpha``, ``unet.alpha_pattern``, ``unet.use_rslora``...);
 without it alpha = r (scale 1). Also reads the legacy attention-processor keys
-(``attn1.processor.to_q_lora.down.weight``) and ``.lora.down/.up`` keys.
+(``attn1.processor.to_q_lora.down.weight``, with or without the ``unet.`` prefix, as
+``save_attn_procs`` wrote them) and ``.lora.down/.up`` keys.
+
+Text-encoder target names in the metadata are written without the ``text_model.`` level:
+diffusers matches them against the text encoder's own module names, which (transformers
+>= 5) have no such level, and refuses the adapter otherwise (``NoMatchingPeftModuleError``);
+the suffix match peft uses finds them under either transformers spelling.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ import torch
 
 from ..errors import FormatError
 from ..lora import COMPONENTS, LoRA
-from .common import ALPHA, DOWN, UP, group_factors, make_module, most_common, tensor_alpha
-from .kohya import FORMAT_METADATA_PREFIXES
+from ..sd15 import file_path
+from .common import ALPHA, DOWN, UP, check_lora_config, group_factors, make_module, most_common, parse_json, tensor_alpha
+from .keys import ModuleTree, sd15_tree
+from .metadata import carried_metadata
 
 METADATA_KEY = "lora_adapter_metadata"
 _SUFFIXES = {
@@ -26,9 +34,13 @@ _SUFFIXES = {
     ".alpha": ALPHA,
 }
 _LEGACY = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
+#: top-level UNet paths: keys starting with these and no component prefix are UNet keys
+UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.")
 
 
 def _parse(key: str) -> tuple[str, str] | None:
+    if key.startswith(UNET_ROOTS):  # unprefixed attention-processor keys (save_attn_procs)
+        key = "unet." + key
     if ".processor." in key:  # legacy attention-processor LoRA
         head, tail = key.split(".processor.", 1)
         for legacy, target in _LEGACY.items():
@@ -53,7 +65,7 @@ def pattern_value(patterns: dict, path: str):
 
 
 def config_alpha(config: dict | None, path: str, rank: int) -> float | None:
-    """Effective alpha of one module from a peft LoraConfig dict (None: not configured)."""
+    """Effective alpha of one module from a (validated) peft LoraConfig dict (None: not configured)."""
     if not config:
         return None
     alpha = pattern_value(config.get("alpha_pattern") or {}, path)
@@ -70,39 +82,50 @@ def _component_configs(metadata: dict[str, str], source: str) -> dict[str, dict]
     raw = metadata.get(METADATA_KEY)
     if not raw:
         return {}
-    try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError:
-        raise FormatError(f"{source}: header metadata {METADATA_KEY} is not valid JSON") from None
+    where = f"{source}: header metadata {METADATA_KEY}"
+    flat = parse_json(raw, where)
+    if not isinstance(flat, dict):
+        raise FormatError(f"{where} must be a JSON object, got {type(flat).__name__}")
     configs: dict[str, dict] = {}
     for key, value in flat.items():
         component, _, field = key.partition(".")
         configs.setdefault(component, {})[field] = value
     for component, cfg in configs.items():
-        if cfg.get("use_dora"):
-            raise FormatError(f"{source}: DoRA ({component}.use_dora) is not supported")
+        check_lora_config(cfg, f"{where} ({component})")
     return configs
 
 
-def read_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str) -> LoRA:
+def read_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str,
+                   tree: ModuleTree | None = None) -> LoRA:
+    tree = tree or sd15_tree()
     groups = group_factors(tensors, _parse, source)
     configs = _component_configs(metadata, source)
     modules = {}
-    for name, g in groups.items():
-        component, path = name.split(".", 1)
+    for key, g in groups.items():
+        component, path = key.split(".", 1)
         if component not in COMPONENTS:
-            raise FormatError(f"{source}: unknown component in {name}")
+            raise FormatError(f"{source}: unknown component in {key}")
+        name = f"{component}.{file_path(component, path)}"  # text_encoder.encoder.… -> text_encoder.text_model.encoder.…
+        if name in modules:
+            raise FormatError(f"{source}: module {name} appears twice")
         if ALPHA in g:
-            alpha = tensor_alpha(g[ALPHA], name, source)
+            alpha = tensor_alpha(g[ALPHA], key, source)
         else:
             alpha = config_alpha(configs.get(component), path, g[DOWN].shape[0])
-        modules[name] = make_module(name, g, alpha, source)
+        modules[name] = make_module(key, g, alpha, source, tree, name)
     return LoRA(modules, dict(metadata)).sorted()
+
+
+def target_name(component: str, path: str) -> str:
+    """A module path as a LoraConfig names it: without the text encoder's ``text_model.`` level."""
+    if component == "text_encoder" and path.startswith("text_model."):
+        return path[len("text_model."):]
+    return path
 
 
 def lora_config_dict(lora: LoRA, component: str) -> dict | None:
     """A peft LoraConfig (as dict) reproducing every module's rank and alpha exactly."""
-    mods = {n.split(".", 1)[1]: m for n, m in lora.modules.items() if n.startswith(component + ".")}
+    mods = {target_name(component, n.split(".", 1)[1]): m for n, m in lora.modules.items() if n.startswith(component + ".")}
     if not mods:
         return None
     r = most_common(m.rank for m in mods.values())
@@ -130,6 +153,6 @@ def to_diffusers(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         cfg = lora_config_dict(lora, component)
         if cfg:
             flat.update({f"{component}.{k}": v for k, v in cfg.items()})
-    meta = {k: v for k, v in lora.metadata.items() if not k.startswith(FORMAT_METADATA_PREFIXES)}
+    meta = carried_metadata(lora.metadata)
     meta.update({METADATA_KEY: json.dumps(flat, indent=2, sort_keys=True), "format": "pt"})
     return tensors, meta
