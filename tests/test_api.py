@@ -75,7 +75,11 @@ def test_import_is_cheap_and_help_shows_the_api():
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.stdout.strip() == "[]"
     assert {"load_lora", "LoRA", "blend", "fused", "Synthesizer", "SynthesisModel", "Library"} <= set(dir(lorasynth))
-    assert lorasynth.Synthesizer.__module__ == "lorasynth.synthesis" and callable(lorasynth.blend)
+    import importlib
+
+    for module in ("api", "blending", "synthesis", "apply", "library"):  # a submodule must not shadow a public name
+        importlib.import_module(f"lorasynth.{module}")
+    assert lorasynth.Synthesizer.__module__ == "lorasynth.synthesis" and lorasynth.blend.__module__ == "lorasynth.api"
     import pydoc
 
     text = pydoc.render_doc(lorasynth, renderer=pydoc.plaintext)
