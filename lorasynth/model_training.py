@@ -3,6 +3,10 @@
 Both read the memory-mapped pack (bounded RAM) and train with Lightning (see
 :mod:`lorasynth.training`: checkpoint/resume, progress bar, loss-curve PNG, and
 ``devices``/``strategy``/``num_nodes`` passed straight to Lightning for DDP on GPUs).
+
+Under DDP every rank runs these functions; only rank 0 exports and writes ``lorasynth_model.json``,
+and every rank returns only after that (a barrier), so a command chained after this one
+finds the files on any rank.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 
 from .errors import ModelError
 from .synthesis_model import SynthesisModel
-from .training import TrainConfig
+from .training import TrainConfig, barrier, is_global_zero
 
 
 @torch.no_grad()
@@ -49,10 +53,12 @@ def train_latent(model: SynthesisModel, kind: str = "vae", latent_dim: int = 512
                            val_idx=val, resume=resume)
     else:
         raise ModelError(f"unknown latent model kind {kind!r}; use vae or pca")
-    latent.export(model.latent_dir)
     model.info.latent_kind = kind
     model.info.has_hypernet = False  # a new latent space invalidates a hypernetwork trained on the old one
-    model.save()
+    if is_global_zero():
+        latent.export(model.latent_dir)
+        model.save()
+    barrier()
     return latent
 
 
@@ -78,7 +84,10 @@ def train_hypernet(model: SynthesisModel, train_cfg: TrainConfig | None = None, 
     loader = DataLoader(TensorDataset(z, cond), batch_size=batch, drop_last=True,
                         sampler=long_epoch_sampler(len(z), dataclasses.replace(cfg, batch_size=batch)))
     fit(net, loader, model.train_dir("hypernet"), cfg, resume=resume)
-    net.eval().export(model.hypernet_dir)
+    net.eval()
     model.info.has_hypernet = True
-    model.save()
+    if is_global_zero():
+        net.export(model.hypernet_dir)
+        model.save()
+    barrier()
     return net

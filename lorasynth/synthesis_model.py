@@ -166,12 +166,18 @@ class SynthesisModel:
 
     # ---------------------------------------------------------------- create / open
     @classmethod
-    def create(cls, path: str | Path, pack, heldout_frac: float = 0.0, seed: int = 0) -> "SynthesisModel":
-        """A new model folder for ``pack``; ``heldout_frac`` of its rows are kept out of training."""
+    def create(cls, path: str | Path, pack, heldout_frac: float = 0.0, seed: int = 0,
+               save: bool = True) -> "SynthesisModel":
+        """A new model folder for ``pack``; ``heldout_frac`` of its rows are kept out of training.
+
+        ``save=False`` only plans it in memory (the split is a function of the pack size,
+        ``heldout_frac`` and ``seed``): what the non-zero ranks of a DDP run do while rank 0
+        writes the folder.
+        """
         from .synthetic import train_test_split
 
         path = Path(path)
-        if (path / MODEL_FILE).exists():
+        if save and (path / MODEL_FILE).exists():
             raise ModelError(f"{path} already holds a lorasynth model; use a new folder or --resume")
         if heldout_frac > 0:
             train, test = train_test_split(pack.n, heldout_frac, seed)
@@ -183,7 +189,8 @@ class SynthesisModel:
             train_ids=[int(i) for i in sorted(train)], heldout_ids=[int(i) for i in sorted(test)],
         )
         model = cls(path, info)
-        model.save()
+        if save:
+            model.save()
         return model
 
     @classmethod

@@ -72,6 +72,9 @@ def register(sub) -> None:
                    help="keep each identity's checkpoints/logs/loss curve here (an interrupted identity resumes from them)")
     p.add_argument("--devices", default="auto", help="Lightning devices: auto, a count, or ids like 0,1 (default auto)")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu... (default auto)")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp (default auto)")
+    p.add_argument("--num-nodes", type=int, default=1, help="Lightning nodes for DDP (default 1)")
+    p.add_argument("--precision", default="32-true", help="32-true, bf16-mixed (CPU or GPU) or 16-mixed (GPU)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_train)
 
@@ -87,8 +90,12 @@ def cmd_train(args) -> int:
         batch_size=args.batch_size, resolution=args.resolution, seed=args.seed, dtype=args.dtype,
         prior_preservation=args.prior_preservation, class_prompt=args.class_prompt,
         num_class_images=args.num_class_images, class_images_dir=args.class_images,
-        devices=_devices(args.devices), accelerator=args.accelerator, progress=sys.stderr.isatty(),
+        devices=_devices(args.devices), accelerator=args.accelerator, strategy=args.strategy,
+        num_nodes=args.num_nodes, precision=args.precision, progress=sys.stderr.isatty(),
     )
+    from ..training import check_precision, is_global_zero
+
+    check_precision(cfg.train_config())
     with Library.open(args.dir) as lib:
         embedder = args.embedder
         if embedder is not None and embedder.lower() == "none":
@@ -99,6 +106,8 @@ def cmd_train(args) -> int:
             embedder = get_embedder(embedder or lib.embedder, args.model_root)
         report = train_identities(lib, args.identities, base=args.base, cfg=cfg, shard=shard, embedder=embedder,
                                   work_dir=args.work_dir, progress=sys.stderr.isatty())
+    if not is_global_zero():  # DDP: rank 0 reports
+        return 0
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:

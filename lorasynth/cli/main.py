@@ -17,7 +17,7 @@ from ..errors import LorasynthError
 from .helpfmt import apply_formatter, examples
 
 # command modules, in help order
-COMMAND_MODULES = ["lora_files", "generate", "faces", "library", "library_train", "models", "demo", "comfyui"]
+COMMAND_MODULES = ["lora_files", "generate", "faces", "library", "library_train", "library_merge", "models", "demo", "comfyui"]
 
 
 def build_parser() -> argparse.ArgumentParser:

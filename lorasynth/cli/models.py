@@ -26,12 +26,14 @@ def _trainer_flags(p, steps: int, batch: int, lr: float) -> None:
 
 
 def _train_config(args):
-    from ..training import TrainConfig
+    from ..training import TrainConfig, check_precision
 
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    return TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, devices=devices,
-                       accelerator=args.accelerator, strategy=args.strategy, num_nodes=args.num_nodes,
-                       precision=args.precision, progress=not args.no_progress)
+    cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, devices=devices,
+                      accelerator=args.accelerator, strategy=args.strategy, num_nodes=args.num_nodes,
+                      precision=args.precision, progress=not args.no_progress)
+    check_precision(cfg)  # before any folder is made
+    return cfg
 
 
 def _synthesis_flags(p) -> None:
@@ -173,25 +175,34 @@ def register(sub) -> None:
 
 def cmd_train_vae(args) -> int:
     from ..model_training import train_latent
-    from ..pack import open_pack
+    from ..pack import META_FILE as PACK_META, open_pack
     from ..synthesis_model import MODEL_FILE, SynthesisModel
+    from ..training import is_global_zero
 
+    train_cfg = _train_config(args)
     out = Path(args.out)
+    rank0 = is_global_zero()  # under DDP every rank runs this command; rank 0 alone writes
     if args.resume and (out / MODEL_FILE).exists():
         model = SynthesisModel.open(out)
     else:
         if args.library:
-            from ..library.packing import pack_library
-            from ..library.store import Library
-
             pack_dir = out / "pack"
-            print(pack_library(Library.open(args.library), pack_dir, progress=not args.no_progress).summary())
+            if rank0:
+                from ..library.packing import pack_library
+                from ..library.store import Library
+
+                print(pack_library(Library.open(args.library), pack_dir, progress=not args.no_progress).summary())
+            elif not (pack_dir / PACK_META).is_file():
+                raise LorasynthError(f"{pack_dir} is not packed yet: when all ranks start together (torchrun, SLURM, "
+                                     "--num-nodes), run `lorasynth library pack` first and train with --pack")
             pack = open_pack(pack_dir)
         else:
             pack = open_pack(args.pack)
-        model = SynthesisModel.create(out, pack, heldout_frac=args.holdout, seed=args.seed)
+        model = SynthesisModel.create(out, pack, heldout_frac=args.holdout, seed=args.seed, save=rank0)
     t0 = time.perf_counter()
-    latent = train_latent(model, args.kind, args.latent_dim, _train_config(args), resume=args.resume)
+    latent = train_latent(model, args.kind, args.latent_dim, train_cfg, resume=args.resume)
+    if not is_global_zero():
+        return 0
     params = sum(p.numel() for p in latent.parameters()) if hasattr(latent, "parameters") else latent.latent_dim * latent.dim
     print(f"trained {args.kind} (latent {latent.latent_dim}, {params:,} parameters) in {time.perf_counter() - t0:.1f}s "
           f"-> {model.latent_dir}")
@@ -201,11 +212,14 @@ def cmd_train_vae(args) -> int:
 def cmd_train_hypernet(args) -> int:
     from ..model_training import train_hypernet
     from ..synthesis_model import SynthesisModel
+    from ..training import is_global_zero
 
     model = SynthesisModel.open(args.model)
     overrides = {k: v for k, v in (("width", args.width), ("depth", args.depth), ("prediction", args.prediction)) if v}
     t0 = time.perf_counter()
     net = train_hypernet(model, _train_config(args), overrides, resume=args.resume)
+    if not is_global_zero():
+        return 0
     params = sum(p.numel() for p in net.net.parameters())
     print(f"trained hypernetwork ({params:,} parameters) in {time.perf_counter() - t0:.1f}s -> {model.hypernet_dir}")
     return 0

@@ -63,7 +63,7 @@ from ..errors import FaceError, ImageError, LayoutError, LibraryError, Lorasynth
 from ..layout import Layout, ModuleSpec
 from ..lora import LoRA, LoRAModule
 from ..sd15 import file_path
-from ..training import LossCurveCallback, fit
+from ..training import LossCurveCallback, barrier, fit, is_global_zero
 from .train_config import IdentityTrainConfig
 
 ADAPTER_NAME = "lorasynth_identity"
@@ -489,8 +489,9 @@ def train_identity_lora(
 
     tmp = None
     if out_dir is None:
-        tmp = Path(tempfile.mkdtemp(prefix="lorasynth-train-"))
-        out_dir = tmp
+        # under DDP only rank 0 writes (Lightning hands its folder to the other ranks)
+        tmp = Path(tempfile.mkdtemp(prefix="lorasynth-train-")) if is_global_zero() else None
+        out_dir = tmp or Path(tempfile.gettempdir()) / "lorasynth-train-rank-n"
     models = {"unet": pipe.unet}
     if cfg.train_text_encoder:
         models["text_encoder"] = pipe.text_encoder
@@ -540,7 +541,8 @@ def train_identity_lora(
     lora = LoRA(dict(sorted(modules.items())), metadata={
         "lorasynth.trained": "dreambooth-lora",
         "lorasynth.train_config": json.dumps({k: v for k, v in cfg.to_dict().items()
-                                             if k not in ("devices", "accelerator", "progress", "log_every", "ckpt_every")},
+                                             if k not in ("devices", "accelerator", "strategy", "num_nodes", "progress",
+                                                          "log_every", "ckpt_every")},
                                             default=str),
     })
     lora.check_finite()
@@ -651,6 +653,11 @@ def train_identities(
     ``{"steps", "final_loss", "initial_loss", "photos", "seconds"}``, and the mean face
     embedding of its photos. A failing identity is reported and the others go on.
     Raises LayoutError before any training if the LoRAs would not fit the library layout.
+
+    Under DDP (``cfg.devices``/``strategy``/``num_nodes``) every rank trains each identity
+    together and only rank 0 writes to the library and reports (the other ranks return an
+    empty report); all ranks return after rank 0 is done. Shards are the other way to
+    parallelize: independent processes, no communication.
     """
     cfg = cfg or IdentityTrainConfig()
     i, n = shard
@@ -695,7 +702,7 @@ def train_identities(
         class_latents = make_class_latents(pipe, cfg, work_dir, pipe_id=str(base or library.base_model))
 
     bar = todo
-    if progress:
+    if progress and is_global_zero():
         from tqdm.auto import tqdm
 
         bar = tqdm(todo, desc=f"identities (shard {i}/{n})", unit="identity", dynamic_ncols=True)
@@ -714,6 +721,8 @@ def train_identities(
             attrs = {"steps": metrics.steps, "final_loss": round(metrics.final_loss, 6),
                      "initial_loss": round(metrics.initial_loss, 6), "photos": metrics.photos,
                      "seconds": round(metrics.seconds, 2)}
+            if not is_global_zero():  # DDP: the LoRA is the same on every rank; rank 0 stores it
+                continue
             result = library.add(lora, name, source=f"{SOURCE_PREFIX}{folder.name}", attributes=attrs,
                                  embeddings=embeddings)
         except LorasynthError as e:
@@ -722,4 +731,7 @@ def train_identities(
         if result.duplicate:
             report.notes.append(f"{name}: identical LoRA already stored as entry {result.id} ({result.name})")
         report.trained.append({"name": name, "id": result.id, "duplicate": result.duplicate, **metrics.to_dict()})
+    barrier()
+    if not is_global_zero():
+        return TrainReport(shard=(i, n), identities=len(folders))
     return report

@@ -34,7 +34,9 @@ class IdentityTrainConfig:
         such a LoRA no longer fits the w2w layout, which is UNet-only).
     dtype: ``"fp32"`` or ``"bf16"``; only used when the base model is loaded from a path
         (a pipeline passed in is trained in its own dtype). LoRA weights are always fp32.
-    devices, accelerator: passed to Lightning (``"auto"`` = one CPU process, or the GPUs).
+    devices, accelerator, strategy, num_nodes, precision: passed to Lightning (``"auto"`` =
+        one CPU process, or the GPUs). Under DDP ``batch_size`` is per device: a step then
+        uses ``batch_size x devices x num_nodes`` photos, and ``steps`` counts those steps.
     progress, log_every, ckpt_every: Lightning progress bar, CSV log interval, checkpoint
         interval (checkpoints hold only the LoRA and optimizer state, never the UNet).
     """
@@ -61,6 +63,9 @@ class IdentityTrainConfig:
     dtype: str = "fp32"
     devices: int | str | list[int] = "auto"
     accelerator: str = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
     progress: bool = True
     log_every: int = 10
     ckpt_every: int = 200
@@ -100,6 +105,9 @@ class IdentityTrainConfig:
             lr=self.lr,
             devices=self.devices,
             accelerator=self.accelerator,
+            strategy=self.strategy,
+            num_nodes=self.num_nodes,
+            precision=self.precision,
             seed=self.seed,
             log_every=self.log_every,
             progress=self.progress,
