@@ -41,8 +41,7 @@ HEAVY = ("lightning", "diffusers", "transformers", "peft")
 
 # modules imported by the command, and how many of their sources have no bytecode cache file
 _COUNT = r"""
-import importlib.util, os, runpy, sys
-sys.argv = [sys.argv[0]] + sys.argv[1:]
+import importlib.util, os, sys
 try:
     from lorasynth.cli.main import main
     main(sys.argv[1:])
