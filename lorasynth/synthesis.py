@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .blend import blend as blend_loras
+from .blending import blend as blend_loras
 from .errors import LorasynthError, ModelError
 from .formats import save_lora, synthesized_metadata
 from .lora import LoRA
@@ -61,16 +61,58 @@ class Synthesized:
 
 
 class Synthesizer:
-    """Loads a model folder once; synthesizes many LoRAs fast (warm)."""
+    """Loads a model folder once; synthesizes many LoRAs fast (warm).
 
-    def __init__(self, model_dir: str | Path, pack: str | Path | None = None, model_root: str | None = None):
-        self.model = SynthesisModel.open(model_dir)
+    >>> import lorasynth
+    >>> syn = lorasynth.Synthesizer.from_pretrained("my-model")     # doctest: +SKIP
+    >>> lora = syn("me.jpg", seed=0)                                 # doctest: +SKIP
+    >>> lora.save("me.safetensors")                                  # doctest: +SKIP
+    """
+
+    def __init__(self, model_dir: str | Path | SynthesisModel, pack: str | Path | None = None,
+                 model_root: str | None = None):
+        self.model = model_dir if isinstance(model_dir, SynthesisModel) else SynthesisModel.open(model_dir)
+        self.model.start_verify()  # weights are hashed in the background; loading a part waits for it
         self.layout = self.model.layout
         self._pack_override = pack
         self._model_root = model_root
         self._pack = self._latent = self._hypernet = self._embedder = None
         self._lib_emb = None
         self._hash = None
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, pack: str | Path | None = None, model_root: str | None = None,
+                        revision: str | None = None, cache_dir: str | Path | None = None) -> "Synthesizer":
+        """A Synthesizer for a local model folder or a Hugging Face hub id (``"org/name"``).
+
+        Hub models come through ``huggingface_hub`` (its cache; ``HF_HUB_OFFLINE=1`` uses only
+        the cache). ``pack`` overrides the training pack (nearest/blend strategies);
+        ``model_root`` is the insightface model root for ArcFace models.
+        """
+        return cls(SynthesisModel.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir),
+                   pack=pack, model_root=model_root)
+
+    def __call__(self, photo=None, *, embedding=None, strategy: str = "diffusion", seed: int = 0,
+                 guidance: float | None = None, steps: int | None = None, k: int = 8, temperature: float = 0.05,
+                 face_index: int | None = None) -> LoRA:
+        """One LoRA for a face ``photo`` (path, PIL image or RGB array) or a face ``embedding``.
+
+        ``strategy``: ``"diffusion"`` (default), ``"blend"`` (top-``k`` library neighbours),
+        ``"nearest"``, or ``"sample"`` (a new identity; no photo). The LoRA's ``metadata`` holds
+        its provenance (``lorasynth.strategy``, ``lorasynth.seed``, ``lorasynth.model_hash``...).
+
+        >>> lora = syn("me.jpg", seed=0)                      # doctest: +SKIP
+        >>> lora = syn(embedding=e, strategy="blend")         # doctest: +SKIP
+        """
+        if photo is not None and embedding is not None:
+            raise LorasynthError("give a photo or an embedding, not both")
+        source = ""
+        if photo is not None:
+            embedding, _ = self.embed_photo(photo, face_index)
+            source = Path(photo).name if isinstance(photo, (str, Path)) else ""
+        settings = SynthesisSettings(strategy=strategy, guidance=guidance, steps=steps, seed=seed, k=k,
+                                     temperature=temperature)
+        return self.synthesize(embedding, settings, source=source)[0].lora
 
     # ---------------------------------------------------------------- lazy parts
     @property

@@ -124,7 +124,7 @@ def bench_kind(pipe, path: Path, repeats: int) -> dict:
 
 
 def bench_blend(path: Path, repeats: int) -> dict:
-    from lorasynth.blend import blend
+    from lorasynth.blending import blend
     from lorasynth.formats import load_lora
 
     base = load_lora(path)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lorasynth.blend import blend
+from lorasynth.blending import blend
 from lorasynth.errors import LayoutError
 from lorasynth.lora import LoRA, LoRAModule
 

@@ -124,10 +124,7 @@ def test_reimport_repairs_a_corrupt_or_missing_blob(lib):
 
 
 def test_blend_rank_is_capped_at_what_the_modules_hold():
-    try:  # the module is lorasynth.blending once the public API lands (issue 11)
-        from lorasynth.blending import blend
-    except ImportError:
-        from lorasynth.blend import blend
+    from lorasynth.blending import blend
 
     a, b = sd15_lora(NAMES, rank=2, seed=0), sd15_lora(NAMES, rank=2, seed=1)
     out, report = blend([a, b], [1.0, 0.5], rank=100_000)

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("comfyui", help="ComfyUI node pack: install it into a ComfyUI folder")
+    from .helpfmt import examples
+
+    p = sub.add_parser("comfyui", help="ComfyUI node pack: install it into a ComfyUI folder",
+                       epilog=examples("lorasynth comfyui install ~/ComfyUI"))
     cmds = p.add_subparsers(dest="comfyui_command", metavar="SUBCOMMAND")
-    q = cmds.add_parser("install", help="symlink the node pack into COMFY_DIR/custom_nodes and create models/lorasynth")
-    q.add_argument("comfy_dir", metavar="COMFY_DIR")
+    q = cmds.add_parser("install", help="symlink the node pack into COMFY_DIR/custom_nodes and create models/lorasynth",
+                        description="Install lorasynth's ComfyUI node pack: a symlink in COMFY_DIR/custom_nodes and "
+                                    "the models/lorasynth folder for model folders.",
+                        epilog=examples("lorasynth comfyui install ~/ComfyUI",
+                                        "lorasynth comfyui install ~/ComfyUI --name lorasynth-dev"))
+    q.add_argument("comfy_dir", metavar="COMFY_DIR", help="the ComfyUI installation folder")
     q.add_argument("--name", default=None, help="folder name under custom_nodes (default comfyui-lorasynth)")
     q.set_defaults(func=cmd_install)
     p.set_defaults(func=lambda args: p.print_help() or 2)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="run the whole mission offline on a small random-weight model, write a report")
+    from .helpfmt import examples
+
+    p = sub.add_parser("demo", help="run the whole mission offline on a small random-weight model, write a report",
+                       description="Build a small SD1.5-architecture model with random weights, a LoRA library, train "
+                                   "the LoRA-VAE and the hypernetwork, synthesize LoRAs from a photo with every "
+                                   "strategy, generate previews and write report.md: all offline, on CPU.",
+                       epilog=examples("lorasynth demo", "lorasynth demo --out /tmp/demo --smoke"))
     p.add_argument("--out", default="demo_out", help="output folder (LoRA files, previews, eval, report.md)")
     p.add_argument("--cache", default=None, help="cache folder (default ~/.cache/lorasynth/demo or $LORASYNTH_CACHE)")
     p.add_argument("--smoke", action="store_true", help="a much smaller run (for tests)")

@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..faces import EMBEDDER_NAMES
+from .helpfmt import examples
+
+EMBEDDER_NAMES = ("dlib", "arcface")  # lorasynth.faces.EMBEDDER_NAMES, spelled out so `--help` imports no numpy
 
 
 def register(sub) -> None:
-    p = sub.add_parser("embed", help="detect faces in a photo and print the identity embedding of one")
-    p.add_argument("photo")
-    p.add_argument("--embedder", choices=EMBEDDER_NAMES, default="dlib", help="dlib (128-d, default) or arcface (512-d)")
+    p = sub.add_parser("embed", help="detect faces in a photo and print the identity embedding of one",
+                       description="Find the faces in a photo (largest first) and print the identity embedding of "
+                                   "one; --out saves it as a .npy for `synthesize --embedding` or a library.",
+                       epilog=examples("lorasynth embed me.jpg", "lorasynth embed group.jpg --face-index 1 --out bob.npy",
+                                       "lorasynth embed me.jpg --embedder arcface --model-root ~/.insightface --json"))
+    p.add_argument("photo", metavar="PHOTO", help="image file (JPEG, PNG, WebP...)")
+    p.add_argument("--embedder", choices=EMBEDDER_NAMES, default="dlib", help="dlib (128-d) or arcface (512-d)")
     p.add_argument("--model-root", help="folder with the face model files (arcface)")
     p.add_argument("--face-index", type=int, default=None, help="which face, largest first (default 0: the largest)")
     p.add_argument("--json", action="store_true", help="print JSON with the full embedding")

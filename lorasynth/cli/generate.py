@@ -7,24 +7,35 @@ import time
 from pathlib import Path
 
 from ..errors import LorasynthError
+from .helpfmt import examples
 from .lora_files import parse_weighted
+
+# lorasynth.pipeline.SCHEDULERS, spelled out so `--help` imports no diffusers
+SCHEDULER_NAMES = ("dpm", "euler", "lcm", "ddim")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="text-to-image on CPU with a base model and LoRAs")
+    p = sub.add_parser("generate", help="text-to-image on CPU with a base model and LoRAs",
+                       description="Generate one image with a Stable Diffusion 1.5 base model and LoRAs fused into its "
+                                   "weights (restored exactly afterwards); the PNG records every setting.",
+                       epilog=examples('lorasynth generate --base ./sd15 --lora me.safetensors=0.9 '
+                                       '--prompt "a photo of sks person" -o me.png',
+                                       'lorasynth generate --base ./sd15 --scheduler lcm --steps 4 --guidance 1 '
+                                       '--dtype bf16 --prompt "a castle" -o castle.png'))
     p.add_argument("--base", required=True, help="local diffusers folder, hub id, or single-file .safetensors")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[=SCALE]", help="LoRA to fuse (repeatable)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--scheduler", default="dpm", help="dpm, euler, lcm or ddim")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--no-channels-last", action="store_true")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[=SCALE]",
+                   help="LoRA to fuse (repeatable; scale 1 when omitted)")
+    p.add_argument("--prompt", required=True, help="text prompt")
+    p.add_argument("--negative-prompt", default="", help="negative prompt")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same image)")
+    p.add_argument("--width", type=int, default=512, help="image width in pixels (multiple of 8)")
+    p.add_argument("--height", type=int, default=512, help="image height in pixels (multiple of 8)")
+    p.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="dpm", help="sampler")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights dtype (bf16: ~2x faster on recent CPUs)")
+    p.add_argument("--no-channels-last", action="store_true", help="keep the default memory format")
+    p.add_argument("-o", "--output", required=True, metavar="PNG", help="image file to write (.png)")
     p.set_defaults(func=cmd_generate)
     add_alpha_argument(p)
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LibraryError, LorasynthError
+from .helpfmt import examples
 
 _GROUP_ATTR = "_lorasynth_library_subparsers"
 
@@ -29,6 +30,8 @@ def library_subparsers(sub):
             "library",
             help="manage a LoRA library: init, add, import, import-w2w, list, show, remove, verify, pack, export",
             description="A LoRA library: one base model, one layout, content-addressed LoRA blobs + face embeddings.",
+            epilog=examples("lorasynth library init lib --base ./sd15 --layout w2w",
+                            "lorasynth library import lib loras/", "lorasynth library list lib"),
         )
         p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
         group = p.add_subparsers(dest="library_command", metavar="ACTION")
@@ -39,8 +42,12 @@ def library_subparsers(sub):
 def register(sub) -> None:
     lib = library_subparsers(sub)
 
-    p = lib.add_parser("init", help="create an empty library")
-    p.add_argument("dir")
+    p = lib.add_parser("init", help="create an empty library",
+                       description="Create an empty library for one base model, one LoRA layout and one face embedder.",
+                       epilog=examples("lorasynth library init lib --base ./sd15 --layout w2w",
+                                       "lorasynth library init lib --base ./sd15 --layout example.safetensors "
+                                       "--embedder arcface"))
+    p.add_argument("dir", metavar="LIBDIR", help="library folder")
     p.add_argument("--base", required=True, help="base model id or path the LoRAs are for (recorded)")
     p.add_argument("--layout", default="w2w",
                    help="'w2w' (rank-1 to_q/to_v, 99,648 values), a LoRA .safetensors to copy the layout from, "
@@ -48,9 +55,12 @@ def register(sub) -> None:
     p.add_argument("--embedder", default="dlib", help="face embedder for this library: dlib, arcface or none")
     p.set_defaults(func=cmd_init)
 
-    p = lib.add_parser("add", help="add one LoRA file")
-    p.add_argument("dir")
-    p.add_argument("file")
+    p = lib.add_parser("add", help="add one LoRA file",
+                       description="Add one LoRA file to the library (checked against its layout), with an optional "
+                                   "face embedding (from photos or a .npy) and attributes.",
+                       epilog=examples("lorasynth library add lib alice.safetensors --photo alice.jpg --attr Male=false"))
+    p.add_argument("dir", metavar="LIBDIR", help="library folder")
+    p.add_argument("file", metavar="LORA_FILE", help="LoRA file to add")
     p.add_argument("--name", help="entry name (default: file name without extension)")
     p.add_argument("--photo", action="append", default=[], help="face photo to embed (repeatable: averaged)")
     p.add_argument("--embedding", help=".npy face embedding for the library's embedder")
@@ -59,18 +69,26 @@ def register(sub) -> None:
     p.add_argument("--model-root", help="face model folder (arcface)")
     p.set_defaults(func=cmd_add)
 
-    p = lib.add_parser("import", help="import a folder of LoRA files (+ .npy/.json/photo sidecars)")
-    p.add_argument("dir")
-    p.add_argument("folder")
+    p = lib.add_parser("import", help="import a folder of LoRA files (+ .npy/.json/photo sidecars)",
+                       description="Import every LoRA file of a folder; a sidecar with the same stem supplies the "
+                                   "embedding (.npy), attributes (.json) or a photo to embed. A bad file is reported "
+                                   "and skipped (exit 1 when any failed).",
+                       epilog=examples("lorasynth library import lib loras/", "lorasynth library import lib loras/ --json"))
+    p.add_argument("dir", metavar="LIBDIR", help="library folder")
+    p.add_argument("folder", metavar="FOLDER", help="folder of LoRA files (and sidecars)")
     p.add_argument("--model-root", help="face model folder (arcface)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_import)
 
-    p = lib.add_parser("import-w2w", help="import rows of the weights2weights dataset (memory-mapped)")
-    p.add_argument("dir")
-    p.add_argument("w2w_dir", help="folder with all_weights.pt (and weight_dimensions.pt, identity_df.pt)")
-    p.add_argument("--start", type=int, default=0)
-    p.add_argument("--stop", type=int, default=None)
+    p = lib.add_parser("import-w2w", help="import rows of the weights2weights dataset (memory-mapped)",
+                       description="Import identity LoRAs from the weights2weights dataset; rows are streamed from a "
+                                   "memory map, never loaded whole. Re-running skips rows already imported.",
+                       epilog=examples("lorasynth library import-w2w lib w2w/ --start 0 --stop 1000",
+                                       "lorasynth library import-w2w lib w2w/ --trust-pickle"))
+    p.add_argument("dir", metavar="LIBDIR", help="library folder")
+    p.add_argument("w2w_dir", metavar="W2W_DIR", help="folder with all_weights.pt (and weight_dimensions.pt, identity_df.pt)")
+    p.add_argument("--start", type=int, default=0, help="first row to import")
+    p.add_argument("--stop", type=int, default=None, help="row to stop before (default: the end)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="unpickle identity_df.pt for CelebA attributes (a pickle can run code: only for files you trust)")
     p.add_argument("--identity-order", choices=("file", "position"), default="file",
@@ -78,41 +96,55 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=32, help="rows per transaction")
     p.set_defaults(func=cmd_import_w2w)
 
-    p = lib.add_parser("list", help="list entries")
-    p.add_argument("dir")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--limit", type=int, default=None)
+    p = lib.add_parser("list", help="list entries",
+                       description="List the library's entries: id, name, rank, embeddings, source.",
+                       epilog=examples("lorasynth library list lib --limit 20", "lorasynth library list lib --json"))
+    p.add_argument("dir", metavar="LIBDIR", help="library folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--limit", type=int, default=None, help="show at most this many entries")
     p.set_defaults(func=cmd_list)
 
-    p = lib.add_parser("show", help="show one entry (id or name); with no id, the library summary")
-    p.add_argument("dir")
-    p.add_argument("id", nargs="?")
+    p = lib.add_parser("show", help="show one entry (id or name); with no id, the library summary",
+                       description="Show one entry (its id or name), or without ENTRY the library's summary.",
+                       epilog=examples("lorasynth library show lib", "lorasynth library show lib alice"))
+    p.add_argument("dir", metavar="LIBDIR", help="library folder")
+    p.add_argument("id", nargs="?", metavar="ENTRY", help="entry id or name")
     p.set_defaults(func=cmd_show)
 
-    p = lib.add_parser("remove", help="remove an entry (id or name)")
-    p.add_argument("dir")
-    p.add_argument("id")
+    p = lib.add_parser("remove", help="remove an entry (id or name)",
+                       description="Remove an entry; its blob is deleted when no other entry uses it.",
+                       epilog=examples("lorasynth library remove lib alice"))
+    p.add_argument("dir", metavar="LIBDIR", help="library folder")
+    p.add_argument("id", metavar="ENTRY", help="entry id or name")
     p.set_defaults(func=cmd_remove)
 
-    p = lib.add_parser("verify", help="re-hash every blob; exit 1 on missing/corrupt blobs")
-    p.add_argument("dir")
-    p.add_argument("--json", action="store_true")
+    p = lib.add_parser("verify", help="re-hash every blob; exit 1 on missing/corrupt blobs",
+                       description="Re-hash every blob against the manifest; report missing, corrupt and orphan "
+                                   "blobs (exit 1 when any entry is damaged).",
+                       epilog=examples("lorasynth library verify lib", "lorasynth library verify lib --clean --json"))
+    p.add_argument("dir", metavar="LIBDIR", help="library folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--clean", action="store_true", help="also delete orphan blobs and stale temp files")
     p.set_defaults(func=cmd_verify)
 
-    p = lib.add_parser("pack", help="write the packed training matrix (canonical vectors + embeddings)")
-    p.add_argument("dir")
-    p.add_argument("out")
+    p = lib.add_parser("pack", help="write the packed training matrix (canonical vectors + embeddings)",
+                       description="Write the library as a pack: canonical LoRA vectors and face embeddings as "
+                                   "memory-mappable matrices plus statistics, what `lorasynth train vae --pack` reads.",
+                       epilog=examples("lorasynth library pack lib pack/"))
+    p.add_argument("dir", metavar="LIBDIR", help="library folder")
+    p.add_argument("out", metavar="OUT", help="pack folder to write")
     p.add_argument("--embedder", help="which embeddings to pack (default: the library's embedder; 'none': no embeddings)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing pack at OUT")
     p.add_argument("--batch", type=int, default=32, help="entries canonicalized together")
     p.set_defaults(func=cmd_pack)
 
-    p = lib.add_parser("export", help="write one entry as a LoRA file")
-    p.add_argument("dir")
-    p.add_argument("id")
-    p.add_argument("out")
-    p.add_argument("--to", choices=("kohya", "diffusers"), default="kohya")
+    p = lib.add_parser("export", help="write one entry as a LoRA file",
+                       description="Write one library entry as a LoRA file.",
+                       epilog=examples("lorasynth library export lib alice alice.safetensors"))
+    p.add_argument("dir", metavar="LIBDIR", help="library folder")
+    p.add_argument("id", metavar="ENTRY", help="entry id or name")
+    p.add_argument("out", metavar="OUT", help="LoRA file to write")
+    p.add_argument("--to", choices=("kohya", "diffusers"), default="kohya", help="layout of OUT")
     p.set_defaults(func=cmd_export)
 
 

@@ -24,6 +24,8 @@ def register(sub) -> None:
         description="Merge libraries of one base model and layout into LIBDIR: each source entry is hash-checked and "
                     "added with its name, source, attributes and embeddings (same blob checksum). Tensors LIBDIR "
                     "already holds are reported as duplicates; a name used by other weights is a conflict (exit 1).",
+        epilog="examples:\n  lorasynth library merge lib worker0/ worker1/ worker2/\n"
+               "  lorasynth library merge all/ shard_*/ --create --json",
     )
     p.add_argument("dir", metavar="LIBDIR", help="the library to merge into")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="libraries whose entries to add")

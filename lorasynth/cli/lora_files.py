@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LorasynthError
+from .helpfmt import examples
 
 # formats the writers offer (lorasynth.formats.SAVE_FORMATS); spelled out so `--help` imports no torch
 SAVE_FORMATS = ("kohya", "diffusers", "peft")
@@ -15,23 +16,35 @@ ALPHA_HELP = ("alpha of a peft adapter (overrides its adapter_config.json; neede
 
 
 def register(sub) -> None:
-    p = sub.add_parser("inspect", help="show a LoRA file's format, modules, ranks, alphas, norms")
-    p.add_argument("file")
+    p = sub.add_parser("inspect", help="show a LoRA file's format, modules, ranks, alphas, norms",
+                       description="Read a LoRA file (kohya, diffusers or peft; never unpickled) and show its format, "
+                                   "modules, ranks, alphas, base model, parameter count, update norm and metadata.",
+                       epilog=examples("lorasynth inspect me.safetensors", "lorasynth inspect me.safetensors --modules",
+                                       "lorasynth inspect me.safetensors --json > me.json"))
+    p.add_argument("file", metavar="LORA_FILE", help="the .safetensors LoRA file")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--modules", action="store_true", help="list every module")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("convert", help="convert a LoRA file between layouts (kohya, diffusers)")
-    p.add_argument("input")
-    p.add_argument("output")
-    p.add_argument("--to", choices=SAVE_FORMATS, default="kohya")
+    p = sub.add_parser("convert", help="convert a LoRA file between layouts (kohya, diffusers)",
+                       description="Read a LoRA file of any supported layout and write it in another; the updates "
+                                   "are kept exactly. kohya loads in A1111, ComfyUI and diffusers.",
+                       epilog=examples("lorasynth convert pytorch_lora_weights.safetensors me_kohya.safetensors",
+                                       "lorasynth convert me.safetensors me_diffusers.safetensors --to diffusers"))
+    p.add_argument("input", metavar="INPUT", help="LoRA file to read (any supported layout)")
+    p.add_argument("output", metavar="OUTPUT", help="LoRA file to write")
+    p.add_argument("--to", choices=SAVE_FORMATS, default="kohya", help="layout of OUTPUT")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("blend", help="weighted sum of LoRAs: FILE=WEIGHT ... (exact, or --rank R)")
-    p.add_argument("items", nargs="+", metavar="FILE=WEIGHT")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--rank", type=int, default=None, help="truncate each module to this rank (optimal SVD)")
-    p.add_argument("--to", choices=SAVE_FORMATS, default="kohya")
+    p = sub.add_parser("blend", help="weighted sum of LoRAs: FILE=WEIGHT ... (exact, or --rank R)",
+                       description="Write the exact weighted sum of the LoRAs' updates (sum of w_i * dW_i; weights "
+                                   "may be negative; ranks add up), or its best rank-R approximation with --rank.",
+                       epilog=examples("lorasynth blend me.safetensors=0.8 style.safetensors=0.4 -o mix.safetensors",
+                                       "lorasynth blend a.safetensors=1 b.safetensors=-0.3 --rank 8 -o ab.safetensors"))
+    p.add_argument("items", nargs="+", metavar="FILE=WEIGHT", help="LoRA files with their weights")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="LoRA file to write")
+    p.add_argument("--rank", type=int, default=None, help="truncate each module to this rank (optimal SVD; default: exact)")
+    p.add_argument("--to", choices=SAVE_FORMATS, default="kohya", help="layout of OUT")
     p.set_defaults(func=cmd_blend)
     add_format_options(sub)
 
@@ -142,7 +155,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_blend(args) -> int:
-    from ..blend import blend
+    from ..blending import blend
     from ..formats import merged_metadata, save_lora
 
     pairs = [parse_weighted(i) for i in args.items]

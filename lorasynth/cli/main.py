@@ -14,6 +14,7 @@ import sys
 
 from .. import __version__
 from ..errors import LorasynthError
+from .helpfmt import apply_formatter, examples
 
 # command modules, in help order
 COMMAND_MODULES = ["lora_files", "generate", "faces", "library", "library_train", "library_merge", "models", "demo", "comfyui"]
@@ -22,7 +23,11 @@ COMMAND_MODULES = ["lora_files", "generate", "faces", "library", "library_train"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorasynth",
-        description="Zero-shot LoRA synthesis for Stable Diffusion: library, compression, synthesis, blending, apply.",
+        description="Zero-shot LoRA synthesis for Stable Diffusion: library, compression, synthesis, blending, apply.\n"
+                    "`lorasynth COMMAND --help` describes each command, with examples.",
+        epilog=examples("lorasynth synthesize --face me.jpg --model org/w2w-dlib -o me.safetensors",
+                        "lorasynth inspect me.safetensors",
+                        "lorasynth blend me.safetensors=0.8 style.safetensors=0.4 -o mix.safetensors"),
     )
     parser.add_argument("--version", action="version", version=f"lorasynth {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -34,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    apply_formatter(parser)
     return parser
 
 

@@ -6,24 +6,23 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import LorasynthError
+from .helpfmt import examples
 
 
 def _trainer_flags(p, steps: int, batch: int, lr: float) -> None:
     g = p.add_argument_group("training (Lightning)")
-    g.add_argument("--steps", type=int, default=steps)
-    g.add_argument("--batch-size", type=int, default=batch)
-    g.add_argument("--lr", type=float, default=lr)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    g.add_argument("--batch-size", type=int, default=batch, help="items per step (per device)")
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate (warm-up, then cosine decay)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (split, initialization, batches)")
     g.add_argument("--devices", default="auto", help="Lightning devices (e.g. 1, 4, auto)")
     g.add_argument("--accelerator", default="auto", help="cpu, gpu, auto")
     g.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
-    g.add_argument("--num-nodes", type=int, default=1)
+    g.add_argument("--num-nodes", type=int, default=1, help="Lightning nodes (multi-node DDP)")
     g.add_argument("--precision", default="32-true", help="e.g. 32-true, bf16-mixed")
     g.add_argument("--resume", action="store_true", help="continue from the part's last.ckpt")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _train_config(args):
@@ -38,80 +37,135 @@ def _train_config(args):
 
 
 def _synthesis_flags(p) -> None:
-    p.add_argument("--model", required=True, help="model folder made by `lorasynth train`")
+    p.add_argument("--model", required=True, help="model folder made by `lorasynth train`, or a Hugging Face hub id org/name")
     p.add_argument("--pack", default=None, help="override the pack path recorded in the model")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same LoRA)")
 
 
 def register(sub) -> None:
-    train = sub.add_parser("train", help="train a synthesis model: vae (or pca), then hypernet")
+    train = sub.add_parser("train", help="train a synthesis model: vae (or pca), then hypernet",
+                           description="Train a synthesis model folder in two parts: `train vae` (the latent model, "
+                                       "LoRA-VAE or PCA, on a pack or library), then `train hypernet` (the "
+                                       "conditional diffusion from face embeddings to latents).",
+                           epilog=examples("lorasynth train vae --library lib --out model",
+                                           "lorasynth train hypernet --model model"))
     tsub = train.add_subparsers(dest="train_command", metavar="PART")
     train.set_defaults(func=lambda args: (train.print_help(), 2)[1])
 
-    p = tsub.add_parser("vae", help="train the latent model (LoRA-VAE, or --kind pca) on a pack or library")
+    p = tsub.add_parser("vae", help="train the latent model (LoRA-VAE, or --kind pca) on a pack or library",
+                        description="Create a model folder and train its latent model (LoRA-VAE, or PCA with --kind "
+                                    "pca) on a pack or a library; a fraction of the identities is held out for "
+                                    "`lorasynth eval`. Checkpoints go to MODEL/train/vae (--resume continues).",
+                        epilog=examples("lorasynth train vae --library lib --out model",
+                                        "lorasynth train vae --pack pack --out model --kind pca --latent-dim 256",
+                                        "lorasynth train vae --library lib --out model --accelerator gpu --devices 4 "
+                                        "--strategy ddp --precision bf16-mixed"))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pack", help="a pack folder (lorasynth library pack)")
     src.add_argument("--library", help="a library folder (packed into MODEL/pack first)")
-    p.add_argument("--out", required=True, help="model folder to create (or --resume)")
-    p.add_argument("--kind", choices=["vae", "pca"], default="vae")
-    p.add_argument("--latent-dim", type=int, default=512)
+    p.add_argument("--out", required=True, metavar="MODEL", help="model folder to create (or --resume)")
+    p.add_argument("--kind", choices=["vae", "pca"], default="vae", help="latent model")
+    p.add_argument("--latent-dim", type=int, default=512, help="latent size")
     p.add_argument("--holdout", type=float, default=0.1, help="fraction of identities kept out for `lorasynth eval`")
     _trainer_flags(p, steps=3000, batch=64, lr=1e-3)
     p.set_defaults(func=cmd_train_vae)
 
-    p = tsub.add_parser("hypernet", help="train the conditional diffusion hypernetwork on a model's latents")
-    p.add_argument("--model", required=True)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--depth", type=int, default=None)
-    p.add_argument("--prediction", choices=["x0", "v", "eps"], default=None)
+    p = tsub.add_parser("hypernet", help="train the conditional diffusion hypernetwork on a model's latents",
+                        description="Encode the model's training LoRAs with its latent model and train the "
+                                    "conditional diffusion hypernetwork (face embedding -> latent); exported to "
+                                    "MODEL/hypernet, checkpoints in MODEL/train/hypernet.",
+                        epilog=examples("lorasynth train hypernet --model model",
+                                        "lorasynth train hypernet --model model --steps 20000 --resume"))
+    p.add_argument("--model", required=True, metavar="MODEL", help="model folder with a trained latent model")
+    p.add_argument("--width", type=int, default=None, help="denoiser width (default: the hypernetwork config's)")
+    p.add_argument("--depth", type=int, default=None, help="denoiser blocks (default: the hypernetwork config's)")
+    p.add_argument("--prediction", choices=["x0", "v", "eps"], default=None,
+                   help="what the denoiser predicts (default: the hypernetwork config's)")
     _trainer_flags(p, steps=4000, batch=256, lr=1e-3)
     p.set_defaults(func=cmd_train_hypernet)
 
-    p = sub.add_parser("synthesize", help="synthesize a LoRA from one face photo (no training)")
+    p = sub.add_parser("synthesize", help="synthesize a LoRA from one face photo (no training)",
+                       description="Write a LoRA of the person in a face photo (or a face embedding) with a trained "
+                                   "model: no training at synthesis time. The file carries its provenance "
+                                   "(strategy, seed, model hash) in its metadata.",
+                       epilog=examples("lorasynth synthesize --face me.jpg --model model -o me.safetensors",
+                                       "lorasynth synthesize --face me.jpg --model org/w2w-dlib --seed 3 -o me.safetensors",
+                                       "lorasynth synthesize --embedding me.npy --model model --strategy blend "
+                                       "-o me_blend.safetensors"))
     face = p.add_mutually_exclusive_group(required=True)
-    face.add_argument("--face", help="face photo")
+    face.add_argument("--face", metavar="PHOTO", help="face photo")
     face.add_argument("--embedding", help=".npy face embedding (float32, 1-D)")
     _synthesis_flags(p)
-    p.add_argument("--strategy", choices=["diffusion", "blend", "nearest"], default="diffusion")
+    p.add_argument("--strategy", choices=["diffusion", "blend", "nearest"], default="diffusion",
+                   help="diffusion: the hypernetwork; blend: top-k library LoRAs; nearest: the closest library LoRA")
     p.add_argument("--samples", type=int, default=1, help="how many LoRAs (diffusion): OUT gets _0, _1... suffixes")
     p.add_argument("--k", type=int, default=8, help="blend: neighbours")
     p.add_argument("--temperature", type=float, default=0.05, help="blend: softmax temperature")
     p.add_argument("--face-index", type=int, default=None, help="which face (0 = largest)")
     p.add_argument("--model-root", default=None, help="insightface model root (arcface models)")
-    p.add_argument("--to", choices=["kohya", "diffusers"], default="kohya")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--to", choices=["kohya", "diffusers"], default="kohya", help="layout of OUT")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="LoRA file to write")
     p.set_defaults(func=cmd_synthesize)
 
-    p = sub.add_parser("sample", help="sample new identities (unconditional)")
+    p = sub.add_parser("export-model", help="write a shareable copy of a model: a hub repository with a model card",
+                       description="Copy a model folder's weights and config (with the SHA-256 of every file) into a "
+                                   "new folder with a model card README.md, ready to upload to the Hugging Face hub; "
+                                   "training checkpoints stay behind.",
+                       epilog=examples("lorasynth export-model model share/w2w-dlib --license mit",
+                                       "huggingface-cli upload org/w2w-dlib share/w2w-dlib"))
+    p.add_argument("model", metavar="MODEL", help="model folder made by `lorasynth train`")
+    p.add_argument("out", metavar="OUT", help="new (or empty) folder to write")
+    p.add_argument("--include-pack", action="store_true",
+                   help="also copy the training pack (large; needed by the nearest/blend strategies)")
+    p.add_argument("--base-model", default=None, help="base model recorded in the card (default: the SD1.5 hub id)")
+    p.add_argument("--license", default="other", help="license recorded in the card")
+    p.set_defaults(func=cmd_export_model)
+
+    p = sub.add_parser("sample", help="sample new identities (unconditional)",
+                       description="Write LoRAs of new, made-up identities: the hypernetwork sampled without a face "
+                                   "condition.",
+                       epilog=examples("lorasynth sample --model model -n 4 -o new_people/"))
     _synthesis_flags(p)
-    p.add_argument("-n", type=int, default=4)
-    p.add_argument("-o", "--out-dir", required=True)
+    p.add_argument("-n", type=int, default=4, help="how many LoRAs")
+    p.add_argument("-o", "--out-dir", required=True, metavar="DIR", help="folder for sample_SEED_I.safetensors")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("edit", help="move a LoRA along a latent attribute direction (w2w-style regression)")
-    p.add_argument("lora")
-    p.add_argument("--model", required=True)
+    p = sub.add_parser("edit", help="move a LoRA along a latent attribute direction (w2w-style regression)",
+                       description="Encode a LoRA into the model's latent space, move it along the direction that "
+                                   "predicts a library attribute (least squares, as in weights2weights) and decode.",
+                       epilog=examples("lorasynth edit me.safetensors --model model --library lib --attribute Male "
+                                       "--strength -1 -o me_edit.safetensors"))
+    p.add_argument("lora", metavar="LORA_FILE", help="LoRA to edit (the model's layout)")
+    p.add_argument("--model", required=True, metavar="MODEL", help="model folder or hub id")
     p.add_argument("--library", required=True, help="library whose entry attributes define the direction")
-    p.add_argument("--attribute", required=True)
+    p.add_argument("--attribute", required=True, help="attribute name in the library entries (e.g. Male, Young)")
     p.add_argument("--strength", type=float, default=1.0, help="in standard deviations of the attribute score")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="LoRA file to write")
     p.set_defaults(func=cmd_edit)
 
-    p = sub.add_parser("interpolate", help="interpolate two LoRAs in the latent space")
-    p.add_argument("a")
-    p.add_argument("b")
-    p.add_argument("--model", required=True)
-    p.add_argument("--t", type=float, default=0.5)
-    p.add_argument("-o", "--output", required=True)
+    p = sub.add_parser("interpolate", help="interpolate two LoRAs in the latent space",
+                       description="Encode two LoRAs into the model's latent space and decode the point (1-t)*A + t*B.",
+                       epilog=examples("lorasynth interpolate alice.safetensors bob.safetensors --model model --t 0.3 "
+                                       "-o mix.safetensors"))
+    p.add_argument("a", metavar="LORA_A", help="first LoRA (t = 0)")
+    p.add_argument("b", metavar="LORA_B", help="second LoRA (t = 1)")
+    p.add_argument("--model", required=True, metavar="MODEL", help="model folder or hub id")
+    p.add_argument("--t", type=float, default=0.5, help="position between A (0) and B (1)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="LoRA file to write")
     p.set_defaults(func=cmd_interpolate)
 
-    p = sub.add_parser("eval", help="held-out evaluation: delta-W cosine per strategy, latent reconstruction")
+    p = sub.add_parser("eval", help="held-out evaluation: delta-W cosine per strategy, latent reconstruction",
+                       description="Synthesize a LoRA for every held-out identity of the model with each strategy and "
+                                   "compare it with the true one (delta-W cosine, relative error); also the latent "
+                                   "model's reconstruction. Writes eval.json and eval.png.",
+                       epilog=examples("lorasynth eval --model model",
+                                       "lorasynth eval --model model --base ./sd15 --faces photos/ --max-items 20"))
     _synthesis_flags(p)
     p.add_argument("--out", default=None, help="folder for eval.json and eval.png (default MODEL/eval)")
-    p.add_argument("--strategies", default="diffusion,blend,nearest")
-    p.add_argument("--max-items", type=int, default=None)
+    p.add_argument("--strategies", default="diffusion,blend,nearest", help="comma list of strategies to compare")
+    p.add_argument("--max-items", type=int, default=None, help="evaluate at most this many held-out identities")
     p.add_argument("--base", default=None, help="with --faces: identity similarity on generated images")
     p.add_argument("--faces", default=None, help="folder of face photos for the identity metric")
     p.set_defaults(func=cmd_eval)
@@ -185,19 +239,43 @@ def _numbered(path: Path, i: int, n: int) -> Path:
     return path if n == 1 else path.with_name(f"{path.stem}_{i}{path.suffix}")
 
 
+def _prewarm_embedder(model: str, model_root: str | None) -> None:
+    """Build the model's face embedder in a background thread, while this one imports torch and
+    opens the model: dlib's HOG detector alone takes about a third of a torch import to build, and
+    it overlaps. Failures are left for the foreground to report."""
+    import threading
+
+    def work() -> None:
+        try:
+            info = json.loads((Path(model) / "lorasynth_model.json").read_text(encoding="utf-8"))
+            if info.get("embedder") in ("dlib", "arcface"):
+                from ..faces import get_embedder
+
+                get_embedder(info["embedder"], model_root=model_root)
+        except Exception:  # noqa: BLE001 - the foreground reports the same problem properly
+            pass
+
+    if Path(model).is_dir():
+        threading.Thread(target=work, name="lorasynth-prewarm", daemon=True).start()
+
+
 def cmd_synthesize(args) -> int:
     from ..formats.safe_io import check_output_path
-    from ..synthesis import Synthesizer, write_synthesized
 
     check_output_path(args.output)  # an unwritable -o or a bad embedding fails before any work
     _settings(args, args.strategy).validate()
+    if args.face:
+        _prewarm_embedder(args.model, args.model_root)
+
+    from ..synthesis import Synthesizer, write_synthesized
+
     t0 = time.perf_counter()
     if not args.face:
         from ..embeddings import read_embedding_npy
 
         embedding = read_embedding_npy(args.embedding, "embedding")
         source = Path(args.embedding).name
-    syn = Synthesizer(args.model, pack=args.pack, model_root=args.model_root)
+    syn = Synthesizer.from_pretrained(args.model, pack=args.pack, model_root=args.model_root)
     if args.face:
         embedding, selection = syn.embed_photo(args.face, args.face_index)
         print(selection.describe())
@@ -212,10 +290,19 @@ def cmd_synthesize(args) -> int:
     return 0
 
 
+def cmd_export_model(args) -> int:
+    from ..synthesis_model import SynthesisModel
+
+    out = SynthesisModel.open(args.model).save_pretrained(args.out, include_pack=args.include_pack,
+                                                          base_model=args.base_model, license=args.license)
+    print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    return 0
+
+
 def cmd_sample(args) -> int:
     from ..synthesis import Synthesizer, SynthesisSettings, write_synthesized
 
-    syn = Synthesizer(args.model, pack=args.pack)
+    syn = Synthesizer.from_pretrained(args.model, pack=args.pack)
     s = SynthesisSettings(strategy="sample", guidance=args.guidance, steps=args.steps, seed=args.seed, samples=args.n)
     out = Path(args.out_dir)
     for i, r in enumerate(syn.synthesize(None, s)):
@@ -246,7 +333,7 @@ def _write_latent(syn, z, path: str, meta: dict) -> None:
 def cmd_interpolate(args) -> int:
     from ..synthesis import Synthesizer
 
-    syn = Synthesizer(args.model)
+    syn = Synthesizer.from_pretrained(args.model)
     za, zb = _encode_lora(syn, args.a), _encode_lora(syn, args.b)
     _write_latent(syn, (1 - args.t) * za + args.t * zb, args.output,
                   {"lorasynth.interpolate": json.dumps([Path(args.a).name, Path(args.b).name, args.t])})
@@ -260,7 +347,7 @@ def cmd_edit(args) -> int:
     from ..library.store import Library
     from ..synthesis import Synthesizer
 
-    syn = Synthesizer(args.model)
+    syn = Synthesizer.from_pretrained(args.model)
     direction, score_std = attribute_direction(syn, Library.open(args.library), args.attribute)
     z = _encode_lora(syn, args.lora)
     z2 = z + args.strength * score_std * torch.from_numpy(direction).float()[None]
@@ -272,7 +359,7 @@ def cmd_eval(args) -> int:
     from ..evaluate import evaluate, identity_similarity, save_report
     from ..synthesis import Synthesizer
 
-    syn = Synthesizer(args.model, pack=args.pack)
+    syn = Synthesizer.from_pretrained(args.model, pack=args.pack)
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     results = evaluate(syn, strategies, args.max_items, _settings(args, "diffusion"))
     if args.faces:

@@ -214,7 +214,7 @@ class BlendLoRAs:
     CATEGORY = CATEGORY
 
     def blend(self, lora_1, weight_1, rank, lora_2=None, weight_2=1.0, lora_3=None, weight_3=1.0):
-        from ..blend import blend
+        from ..blending import blend
         from .convert import as_lora
 
         pairs = [(lora_1, weight_1), (lora_2, weight_2), (lora_3, weight_3)]

@@ -11,18 +11,18 @@
 See :mod:`lorasynth.library.store` for the on-disk layout and the crash/concurrency rules.
 """
 
-from .importers import ImportReport, embed_photos, import_folder, import_w2w, scan_folder
-from .store import (
-    AddResult,
-    Entry,
-    Library,
-    LibraryConfig,
-    Neighbor,
-    NewEntry,
-    VerifyReport,
-    blob_bytes,
-    clean_embedding,
-)
+from __future__ import annotations
+
+import importlib
+
+# every name loads its module on first use: `lorasynth --help` imports the light
+# train_config module from here without pulling in torch through the store and importers
+_LAZY = {
+    **dict.fromkeys(("ImportReport", "embed_photos", "import_folder", "import_w2w", "scan_folder"), "importers"),
+    **dict.fromkeys(("AddResult", "Entry", "Library", "LibraryConfig", "Neighbor", "NewEntry", "VerifyReport",
+                     "blob_bytes", "clean_embedding"), "store"),
+    **dict.fromkeys(("pack_library", "PackResult"), "packing"),
+}
 
 __all__ = [
     "AddResult",
@@ -44,9 +44,11 @@ __all__ = [
 ]
 
 
-def __getattr__(name):  # packing imports the pack writer: load it only when asked
-    if name in ("pack_library", "PackResult"):
-        from . import packing
-
-        return getattr(packing, name)
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
