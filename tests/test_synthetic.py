@@ -12,8 +12,8 @@ from lorasynth.synthetic import (
     delta_cosine,
     make_world,
     tiny_layout,
-    train_test_split,
 )
+from lorasynth.splits import train_test_split
 
 
 

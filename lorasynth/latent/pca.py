@@ -154,7 +154,14 @@ class _Source:
     def __init__(self, data, idx, mean: np.ndarray | None = None, scale: np.ndarray | None = None):
         if isinstance(data, Pack):
             self.pack, self.array = data, None
-            self.mean, self.scale = data.mean, data.scale
+            if mean is not None and scale is not None:
+                self.mean, self.scale = np.asarray(mean, np.float32), np.asarray(scale, np.float32)
+            elif idx is None or len(np.unique(np.asarray(idx))) == data.n:
+                self.mean, self.scale = data.mean, data.scale
+            else:  # statistics of the fitting rows only: held-out rows never shape the model
+                from . import row_stats
+
+                self.mean, self.scale = row_stats(data, idx)
             self.layout_signature = data.layout.signature
             n = data.n
         else:
