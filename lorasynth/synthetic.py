@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .layout import W2W_TARGETS, Layout, delta_cosine  # noqa: F401  (delta_cosine re-exported)
-from .lora import LoRA
+from .lora import LoRA, canonical_factors
 
 #: The miniature SD1.5 UNet (``lorasynth.tiny``, size "tiny") cross-attention blocks a
 #: to_q/to_v LoRA touches: width 32, text-context width 32.
@@ -297,21 +297,8 @@ class SyntheticWorld:
 
 
 def _canonical_batch(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched :func:`~lorasynth.lora.canonicalize_module` of ``delta W = up @ down``.
-
-    ``up (n, out, r)``, ``down (n, r, in)`` in float64 -> canonical ``(B, A)`` of the same shapes.
-    """
-    qb, rb = torch.linalg.qr(up)
-    qa, ra = torch.linalg.qr(down.transpose(1, 2))
-    uc, s, vhc = torch.linalg.svd(rb @ ra.transpose(1, 2))
-    u = qb @ uc
-    vh = vhc @ qa.transpose(1, 2)
-    idx = u.abs().argmax(dim=1, keepdim=True)  # (n, 1, r)
-    signs = torch.sign(torch.gather(u, 1, idx))
-    signs[signs == 0] = 1
-    u, vh = u * signs, vh * signs.transpose(1, 2)
-    root = s.clamp_min(0).sqrt()
-    return u * root[:, None, :], root[:, :, None] * vh
+    """Batched canonical form (:func:`lorasynth.lora.canonical_factors`) of ``delta W = up @ down``."""
+    return canonical_factors(up, down)
 
 
 def make_world(cfg: SyntheticWorldConfig) -> SyntheticWorld:

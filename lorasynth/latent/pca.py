@@ -286,11 +286,10 @@ def _randomized(src: _Source, k: int, n_iter: int, oversample: int, seed: int, b
 
 
 def _fix_signs(v: torch.Tensor) -> torch.Tensor:
-    """Deterministic component signs: the largest-magnitude entry of every column is positive."""
-    idx = v.abs().argmax(dim=0)
-    signs = torch.sign(v[idx, torch.arange(v.shape[1])])
-    signs[signs == 0] = 1
-    return v * signs
+    """Deterministic component signs: the project's one sign rule (:func:`lorasynth.lora._fix_signs`)."""
+    from ..lora import _fix_signs as fix
+
+    return fix(v, v.new_zeros(v.shape[-1], 0))[0]
 
 
 __all__ = ["PCA", "fit_pca"]
