@@ -150,7 +150,7 @@ class Synthesizer:
     def diffusion_latents(self, embeddings: np.ndarray | None, settings: SynthesisSettings) -> torch.Tensor:
         cond = None if embeddings is None else torch.from_numpy(np.atleast_2d(embeddings)).float()
         return self.hypernet.sample(cond, num_steps=settings.steps, guidance=settings.guidance, seed=settings.seed,
-                                    n_samples=settings.samples)
+                                    n_samples=settings.samples, center=settings.average and cond is not None)
 
     # ---------------------------------------------------------------- main entry
     def synthesize(self, embedding=None, settings: SynthesisSettings | None = None, source: str = "") -> list[Synthesized]:

@@ -57,7 +57,7 @@ def test_split_is_by_person(world_model):
 def test_mean_of_samples_reaches_the_regression_baseline(results):
     cos = {k: v["delta_cosine_mean"] for k, v in results["strategies"].items()}
     print("held-out delta-W cosine:", json.dumps(cos), "oracle:", results["oracle"], "samples:", results["samples"])
-    assert cos["diffusion_mean"] >= cos["regression"] - 0.005, cos
+    assert cos["diffusion_mean"] >= cos["regression"], cos
     assert cos["regression"] > cos["nearest"] and cos["regression"] > cos["mean_lora"] + 0.1
     assert cos["diffusion_mean"] > cos["diffusion"]  # averaging samples helps
 
@@ -132,10 +132,16 @@ def test_cli_average_writes_the_exact_mean_of_the_samples(world_model, tmp_path)
     assert main(base + ["--average", "-o", str(tmp_path / "avg.safetensors")]) == 0
     avg = load_lora(tmp_path / "avg.safetensors")
     assert avg.metadata["lorasynth.average_of"] == "4"
-    samples = [load_lora(tmp_path / f"s_{i}.safetensors") for i in range(4)]
+    # the average is exactly the mean delta W of 4 samples (drawn centred on the closed-form mean)
+    z = syn.diffusion_latents(syn.check_embedding(e), SynthesisSettings(samples=4, average=True))
+    vecs = syn.decode(z)
     name = syn.layout.names[0]
-    mean = sum(s.modules[name].delta(torch.float64) for s in samples) / 4
-    torch.testing.assert_close(avg.modules[name].delta(torch.float64), mean, atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(samples[0].modules[name].delta(), samples[1].modules[name].delta())
-    one = syn.synthesize(e, SynthesisSettings(samples=4, average=True))
-    assert len(one) == 1
+    deltas = [syn.layout.unflatten(torch.from_numpy(v)).modules[name].delta(torch.float64) for v in vecs]
+    torch.testing.assert_close(avg.modules[name].delta(torch.float64), sum(deltas) / 4, atol=1e-5, rtol=1e-4)
+    # ... whose latent mean is the closed-form conditional mean
+    h = syn.hypernet
+    mean = h.denormalize_latent(h.conditional_mean(h.normalize_cond(torch.from_numpy(syn.check_embedding(e))[None])))
+    torch.testing.assert_close(z.mean(0, keepdim=True), mean, atol=1e-4, rtol=1e-4)
+    samples = [load_lora(tmp_path / f"s_{i}.safetensors") for i in range(4)]
+    assert not torch.allclose(samples[0].modules[name].delta(), samples[1].modules[name].delta())  # variety
+    assert len(syn.synthesize(e, SynthesisSettings(samples=4, average=True))) == 1

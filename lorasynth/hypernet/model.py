@@ -328,7 +328,8 @@ class Hypernet(nn.Module):
     @torch.no_grad()
     def sample(self, cond: Tensor | None = None, *, num_steps: int | None = None, guidance: float | None = None,
                eta: float | None = None, seed: int | None = 0, generator: torch.Generator | None = None,
-               scheduler: str | None = None, n_samples: int = 1, mean_of_samples: int = 1) -> Tensor:
+               scheduler: str | None = None, n_samples: int = 1, mean_of_samples: int = 1,
+               center: bool = False) -> Tensor:
         """Sample LoRA latents (raw, de-standardized), float32 of shape (B * n_samples, latent_dim).
 
         ``cond``: (B, cond_dim) face embeddings (raw, as in training) or ``None`` for
@@ -339,6 +340,10 @@ class Hypernet(nn.Module):
         ``eta``: DDIM noise (0 = deterministic ODE sampler, 1 = DDPM-like).
         ``mean_of_samples``: average this many latents per output row (prefer averaging the
         decoded LoRAs' delta W, see :func:`lorasynth.synthesis.Synthesizer.synthesize`).
+        ``center``: shift the residuals of each condition's samples to mean zero, so their latent
+        average is exactly the closed-form conditional mean (for the average-of-N mode: the average
+        delta W then departs from the mean's only by the second-order effect of the spread, without
+        the sampling noise of N finite draws).
         Defaults come from ``self.sampling_defaults``; same seed and inputs -> same output.
         """
         d = self.sampling_defaults
@@ -394,6 +399,9 @@ class Hypernet(nn.Module):
                 x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp_min(0).sqrt() * eps
                 if i + 1 < len(ts) and eta > 0:
                     x = x + sigma * torch.randn(x.shape, generator=generator).to(device)
+            if center and reps > 1:
+                x = x.view(n_cond, reps, -1)
+                x = (x - x.mean(dim=1, keepdim=True)).reshape(rows, -1)
             z = self.from_x0(x * self.spread_scale, mean_cond)
             z = z.view(n_cond * n_samples, mean_of_samples, -1).mean(dim=1)
             return z.float()
