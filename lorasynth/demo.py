@@ -157,7 +157,8 @@ def train_models(work: Path, lib, cfg: DemoConfig, clock: _Clock):
     from .training import TrainConfig
 
     model_dir = work / "model"
-    if (work / "model.done").exists():
+    done = work / "model-v2.done"  # v2: split by person, latent statistics of the training rows only
+    if done.exists():
         clock.lap("VAE + hypernetwork", cached=True)
         return SynthesisModel.open(model_dir)
     shutil.rmtree(model_dir, ignore_errors=True)
@@ -172,7 +173,7 @@ def train_models(work: Path, lib, cfg: DemoConfig, clock: _Clock):
                                       ckpt_every=10**9),
                    {"width": cfg.hypernet_width, "depth": cfg.hypernet_depth})
     clock.lap(f"train hypernetwork ({cfg.hypernet_steps} steps)")
-    write_text(work / "model.done", "ok")
+    write_text(done, "ok")
     return model
 
 

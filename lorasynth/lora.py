@@ -208,28 +208,41 @@ def stacked_factors(parts, dtype: torch.dtype = torch.float32) -> tuple[torch.Te
 
 
 def _fix_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sign rule: the largest-magnitude entry of every column of U is positive."""
-    if u.shape[1] == 0:
+    """Sign rule: the largest-magnitude entry of every column of U is positive.
+
+    Batched over leading dimensions (``u (..., out, k)``, ``vh (..., k, in)``): the one sign rule
+    of the project (canonical LoRAs, packing, the planted worlds, PCA components).
+    """
+    if u.shape[-1] == 0:
         return u, vh
-    idx = u.abs().argmax(dim=0)
-    signs = torch.sign(u[idx, torch.arange(u.shape[1])])
+    idx = u.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.sign(torch.gather(u, -2, idx))  # (..., 1, k)
     signs[signs == 0] = 1
-    return u * signs, vh * signs[:, None]
+    return u * signs, vh * signs.mT
 
 
 def factors_from_svd(
     u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Balanced factors ``B = U sqrt(S)``, ``A = sqrt(S) Vh`` truncated (or zero-padded) to ``rank``."""
+    """Balanced factors ``B = U sqrt(S)``, ``A = sqrt(S) Vh`` truncated (or zero-padded) to ``rank``.
+
+    Batched over leading dimensions like :func:`factored_svd`.
+    """
     u, vh = _fix_signs(u, vh)
-    k = min(rank, s.shape[0])
-    root = s[:k].clamp_min(0).sqrt()
-    b = u[:, :k] * root
-    a = root[:, None] * vh[:k]
+    k = min(rank, s.shape[-1])
+    root = s[..., :k].clamp_min(0).sqrt()
+    b = u[..., :k] * root[..., None, :]
+    a = root[..., :, None] * vh[..., :k, :]
     if k < rank:  # keep the requested rank so layouts stay fixed-size
-        b = torch.cat([b, b.new_zeros(b.shape[0], rank - k)], dim=1)
-        a = torch.cat([a, a.new_zeros(rank - k, a.shape[1])], dim=0)
+        b = torch.cat([b, b.new_zeros(*b.shape[:-1], rank - k)], dim=-1)
+        a = torch.cat([a, a.new_zeros(*a.shape[:-2], rank - k, a.shape[-1])], dim=-2)
     return b, a
+
+
+def canonical_factors(b: torch.Tensor, a: torch.Tensor, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical ``(B, A)`` of ``delta W = b @ a`` (batched; see :func:`canonicalize_module`)."""
+    u, s, vh = factored_svd(b, a)
+    return factors_from_svd(u, s, vh, rank or b.shape[-1])
 
 
 def module_from_factors(b: torch.Tensor, a: torch.Tensor, like: LoRAModule, dtype: torch.dtype) -> LoRAModule:

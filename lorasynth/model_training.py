@@ -34,23 +34,38 @@ def encode_rows(latent, pack, idx, batch_size: int = 256) -> torch.Tensor:
     return torch.cat(out) if out else torch.zeros(0, latent.latent_dim)
 
 
-def train_latent(model: SynthesisModel, kind: str = "vae", latent_dim: int = 512, train_cfg: TrainConfig | None = None,
+def train_latent(model: SynthesisModel, kind: str = "pca", latent_dim: int = 512, train_cfg: TrainConfig | None = None,
                  vae_overrides: dict | None = None, resume: bool = False):
-    """Fit the latent model on the model's training rows and export it to ``MODEL/latent``."""
+    """Fit the latent model on the model's training rows and export it to ``MODEL/latent``.
+
+    A VAE is compared with PCA of the same size on the validation people (``model.info
+    .latent_report``-style dict returned as ``latent.comparison``): on planted worlds PCA
+    reconstructs held-out LoRAs better, which is why ``pca`` is the default.
+    """
     pack = model.open_pack()
     train_idx = np.asarray(model.info.train_ids)
-    if kind == "pca":
-        from .latent.pca import fit_pca
+    val = np.asarray(model.info.val_ids or model.info.heldout_ids or [], dtype=np.int64)
+    from .latent.pca import fit_pca
 
-        k = min(latent_dim, len(train_idx) - 1, pack.dim)
+    k = min(latent_dim, len(train_idx) - 1, pack.dim)
+    if kind == "pca":
         latent = fit_pca(pack, k, idx=train_idx)
     elif kind == "vae":
         from .latent.vae import VAEConfig, train_vae
 
         cfg = VAEConfig(latent_dim=latent_dim, **(vae_overrides or {}))
-        val = np.asarray(model.info.heldout_ids) if model.info.heldout_ids else None
         latent = train_vae(pack, model.train_dir("vae"), cfg, train_cfg or TrainConfig(), train_idx=train_idx,
-                           val_idx=val, resume=resume)
+                           val_idx=val if len(val) else None, resume=resume)
+        if len(val):
+            from .latent import reconstruction_cosine
+
+            pca = fit_pca(pack, k, idx=train_idx, exact_max_bytes=0)
+            latent.comparison = {
+                "validation_rows": int(len(val)),
+                "vae_reconstruction_delta_cosine": reconstruction_cosine(latent, pack, val, metric="delta"),
+                "pca_reconstruction_delta_cosine": reconstruction_cosine(pca, pack, val, metric="delta"),
+                "pca_latent_dim": k,
+            }
     else:
         raise ModelError(f"unknown latent model kind {kind!r}; use vae or pca")
     model.info.latent_kind = kind
@@ -63,31 +78,37 @@ def train_latent(model: SynthesisModel, kind: str = "vae", latent_dim: int = 512
 
 
 def train_hypernet(model: SynthesisModel, train_cfg: TrainConfig | None = None, overrides: dict | None = None,
-                   resume: bool = False):
-    """Encode the training rows with the latent model, train the conditional diffusion, export it."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from .hypernet.diffusion import HypernetDiffusion
+                   resume: bool = False, calibrate: bool = True):
+    """Encode the rows with the latent model, fit the mean, train the residual diffusion, calibrate
+    the sampler on the validation people, export. Returns the trained LightningModule."""
+    from .hypernet.diffusion import HypernetDiffusion, calibrate_sampling
     from .hypernet.model import HypernetConfig
-    from .training import fit, long_epoch_sampler
+    from .training import fit
 
     pack = model.open_pack()
     if pack.embed_dim == 0:
         raise ModelError(f"pack {pack.path} has no face embeddings: the hypernetwork needs them as conditions")
     latent = model.load_latent()
     train_idx = np.asarray(model.info.train_ids)
+    val_idx = np.asarray(model.info.val_ids, dtype=np.int64)
     z = encode_rows(latent, pack, train_idx)
     cond = torch.from_numpy(pack.read_embeddings(train_idx)).float()
+    val = None
+    if len(val_idx):
+        val = (encode_rows(latent, pack, val_idx), torch.from_numpy(pack.read_embeddings(val_idx)).float())
     cfg = train_cfg or TrainConfig()
-    net = HypernetDiffusion.for_data(z, cond, HypernetConfig(**(overrides or {})), lr=cfg.lr)
+    net = HypernetDiffusion.for_data(z, cond, HypernetConfig(**(overrides or {})), val=val, seed=cfg.seed, lr=cfg.lr)
     batch = min(cfg.batch_size, len(z))
-    loader = DataLoader(TensorDataset(z, cond), batch_size=batch, drop_last=True,
-                        sampler=long_epoch_sampler(len(z), dataclasses.replace(cfg, batch_size=batch)))
+    loader = net.train_dataloader_for(batch, cfg.max_steps, cfg.seed)
     fit(net, loader, model.train_dir("hypernet"), cfg, resume=resume)
     net.eval()
+    net.calibration = {}
     model.info.has_hypernet = True
-    if is_global_zero():
-        net.export(model.hypernet_dir)
+    if is_global_zero():  # calibration and export on rank 0 alone; the others wait at the barrier
+        hyper = net.hypernet()
+        if calibrate and val is not None:
+            net.calibration = calibrate_sampling(hyper, val[0], val[1], seed=cfg.seed)
+        hyper.export(model.hypernet_dir, extra={"mean": net.mean_report, "calibration": net.calibration})
         model.save()
     barrier()
     return net

@@ -42,6 +42,7 @@ class SynthesisSettings:
     samples: int = 1
     k: int = 8  # blend: neighbours
     temperature: float = 0.05  # blend: softmax temperature on cosine similarity
+    average: bool = False  # diffusion: one LoRA, the exact mean delta W of the `samples` samples
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -201,7 +202,7 @@ class Synthesizer:
     def diffusion_latents(self, embeddings: np.ndarray | None, settings: SynthesisSettings) -> torch.Tensor:
         cond = None if embeddings is None else torch.from_numpy(np.atleast_2d(embeddings)).float()
         return self.hypernet.sample(cond, num_steps=settings.steps, guidance=settings.guidance, seed=settings.seed,
-                                    n_samples=settings.samples)
+                                    n_samples=settings.samples, center=settings.average and cond is not None)
 
     # ---------------------------------------------------------------- main entry
     def synthesize(self, embedding=None, settings: SynthesisSettings | None = None, source: str = "") -> list[Synthesized]:
@@ -232,7 +233,10 @@ class Synthesizer:
             g = s.guidance if s.guidance is not None else self.hypernet.sampling_defaults.get("guidance")
             prov["lorasynth.guidance"] = str(g)
             prov["lorasynth.steps"] = str(s.steps or self.hypernet.sampling_defaults.get("num_steps"))
-            return self._from_latents(z, prov, t0)
+            results = self._from_latents(z, prov, t0)
+            if s.average and len(results) > 1:
+                return [self._average(results, prov)]
+            return results
         rows, sims = self.neighbours(e, 1 if s.strategy == "nearest" else s.k)
         rows, sims = rows[0], sims[0]
         if s.strategy == "nearest":
@@ -249,6 +253,15 @@ class Synthesizer:
             {"ids": [self.pack.ids[r] for r in rows], "cosine": sims.round(4).tolist(), "weights": weights.round(4).tolist()})
         lora.metadata.update(prov)
         return [Synthesized(lora, prov, None, {"sampling_s": time.perf_counter() - t0})]
+
+    def _average(self, results: list[Synthesized], prov: dict) -> Synthesized:
+        """One LoRA whose delta W is exactly the mean of the samples' (ranks concatenate)."""
+        n = len(results)
+        lora, _ = blend_loras([r.lora for r in results], [1.0 / n] * n)
+        meta = dict(prov, **{"lorasynth.average_of": str(n)})
+        lora.metadata.update(meta)
+        timings = {k: sum(r.timings.get(k, 0.0) for r in results) / n for k in results[0].timings}
+        return Synthesized(lora, meta, None, timings)
 
     def _from_latents(self, z: torch.Tensor, prov: dict, t0: float) -> list[Synthesized]:
         t1 = time.perf_counter()

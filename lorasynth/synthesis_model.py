@@ -53,7 +53,8 @@ class ModelInfo:
     embed_dim: int
     pack: str  # absolute path of the training pack (nearest/blend strategies read it)
     train_ids: list[int] = field(default_factory=list)  # pack rows used for training
-    heldout_ids: list[int] = field(default_factory=list)  # pack rows kept out for evaluation
+    heldout_ids: list[int] = field(default_factory=list)  # pack rows kept out for evaluation (test)
+    val_ids: list[int] = field(default_factory=list)  # pack rows of validation people (tuning only)
     latent_kind: str | None = None  # "vae" | "pca" once trained
     has_hypernet: bool = False
     version: int = FORMAT_VERSION
@@ -167,26 +168,27 @@ class SynthesisModel:
     # ---------------------------------------------------------------- create / open
     @classmethod
     def create(cls, path: str | Path, pack, heldout_frac: float = 0.0, seed: int = 0,
-               save: bool = True) -> "SynthesisModel":
-        """A new model folder for ``pack``; ``heldout_frac`` of its rows are kept out of training.
+               val_frac: float = 0.1, save: bool = True) -> "SynthesisModel":
+        """A new model folder for ``pack``, its people split into train / validation / test.
 
-        ``save=False`` only plans it in memory (the split is a function of the pack size,
-        ``heldout_frac`` and ``seed``): what the non-zero ranks of a DDP run do while rank 0
+        ``heldout_frac`` of the *people* are kept out for ``lorasynth eval`` (test), ``val_frac``
+        for choosing settings (mean kernel, sampler, early stopping); a person's LoRAs all land
+        on one side (:func:`lorasynth.splits.split_by_person`).
+
+        ``save=False`` only plans it in memory (the split is a function of the pack's ids,
+        the fractions and ``seed``): what the non-zero ranks of a DDP run do while rank 0
         writes the folder.
         """
-        from .synthetic import train_test_split
+        from .splits import split_by_person
 
         path = Path(path)
         if save and (path / MODEL_FILE).exists():
             raise ModelError(f"{path} already holds a lorasynth model; use a new folder or --resume")
-        if heldout_frac > 0:
-            train, test = train_test_split(pack.n, heldout_frac, seed)
-        else:
-            train, test = np.arange(pack.n), np.zeros(0, dtype=np.int64)
+        train, val, test = split_by_person(pack.ids, val_frac, heldout_frac, seed)
         info = ModelInfo(
             layout=pack.layout.to_dict(), layout_signature=pack.layout.signature, embedder=pack.embedder,
             embed_dim=pack.embed_dim, pack=str(Path(pack.path).resolve()),
-            train_ids=[int(i) for i in sorted(train)], heldout_ids=[int(i) for i in sorted(test)],
+            train_ids=[int(i) for i in train], heldout_ids=[int(i) for i in test], val_ids=[int(i) for i in val],
         )
         model = cls(path, info)
         if save:
@@ -319,11 +321,12 @@ class SynthesisModel:
 
     @_verified_part("hypernet")
     def load_hypernet(self):
-        from .hypernet.diffusion import HypernetDiffusion
+        """The exported hypernetwork (plain torch: no Lightning, no diffusers)."""
+        from .hypernet.model import Hypernet
 
         if not self.info.has_hypernet:
             raise ModelError(f"model {self.path} has no hypernetwork yet; run `lorasynth train hypernet`")
-        return HypernetDiffusion.load(self.hypernet_dir).eval()
+        return Hypernet.load(self.hypernet_dir).eval()
 
     def model_hash(self) -> str:
         """Short sha256 over the exported weight files: provenance for synthesized LoRAs.

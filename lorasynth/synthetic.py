@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .layout import W2W_TARGETS, Layout, delta_cosine  # noqa: F401  (delta_cosine re-exported)
-from .lora import LoRA
+from .lora import LoRA, canonical_factors
 
 #: The miniature SD1.5 UNet (``lorasynth.tiny``, size "tiny") cross-attention blocks a
 #: to_q/to_v LoRA touches: width 32, text-context width 32.
@@ -87,6 +87,15 @@ class SyntheticWorldConfig:
             canonical sign stable; see the module docstring).
         lora_noise: per-identity i.i.d. noise, relative to a typical factor entry.
         delta_norm: typical Frobenius norm of one module's delta W.
+        hidden_factors: identity factors the face embedding does NOT see (0 = the original
+            easy world, where the embedding sees every factor). With hidden factors every
+            module's code is ``sqrt(f) * g(z_visible) + sqrt(1 - f) * h(z_hidden)`` (two
+            independent tanh MLPs, each scaled to unit variance), ``f = visible_fraction``.
+        visible_fraction: the share of the code variance the embedding can see (0.3, 0.6, 0.95
+            in the quality grid); only used with ``hidden_factors > 0``.
+        loras_per_person: LoRAs per person (identity): rows ``p*m .. p*m+m-1`` belong to
+            person ``p`` (``n_identities`` persons, ``n_identities * m`` rows); each row has its
+            own LoRA noise and its own face embedding (another photo).
     """
 
     n_identities: int
@@ -103,6 +112,20 @@ class SyntheticWorldConfig:
     spike: float = 1.0
     lora_noise: float = 0.02
     delta_norm: float = 0.5
+    hidden_factors: int = 0
+    visible_fraction: float = 1.0
+    loras_per_person: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.visible_fraction <= 1.0:
+            raise ValueError(f"visible_fraction must be in (0, 1], got {self.visible_fraction}")
+        if self.loras_per_person < 1 or self.hidden_factors < 0 or self.n_identities < 1:
+            raise ValueError("n_identities and loras_per_person must be >= 1, hidden_factors >= 0")
+
+    @property
+    def hard(self) -> bool:
+        """A world with hidden factors or several LoRAs per person (the quality grid's kind)."""
+        return self.hidden_factors > 0 or self.loras_per_person > 1
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -110,7 +133,7 @@ def _rng(*key: int) -> np.random.Generator:
 
 
 # stream tags, so that the draws of different quantities never share a random stream
-_MAPS, _FACTORS, _EMBED, _NOISE = 1, 2, 3, 4
+_MAPS, _FACTORS, _EMBED, _NOISE, _HIDDEN, _ORACLE = 1, 2, 3, 4, 5, 6
 
 
 @dataclass
@@ -127,16 +150,23 @@ class _ModuleMaps:
 
 @dataclass
 class SyntheticWorld:
-    """A planted world: hidden factors, embeddings, and LoRA vectors made on demand."""
+    """A planted world: hidden factors, embeddings, and LoRA vectors made on demand.
+
+    ``factors`` are the per-person factors the embedding sees, ``hidden`` the ones it does
+    not (``(P, 0)`` in the easy world); ``person[i]`` is row ``i``'s person.
+    """
 
     config: SyntheticWorldConfig
-    factors: np.ndarray  # (N, k) float64
-    embeddings: np.ndarray  # (N, E) float32, unit norm
+    factors: np.ndarray  # (P, k) float64: visible factors per person
+    embeddings: np.ndarray  # (N, E) float32, unit norm, one per row
     _w1: np.ndarray = field(repr=False)
     _b1: np.ndarray = field(repr=False)
     _w2: np.ndarray = field(repr=False)
     _b2: np.ndarray = field(repr=False)
     _modules: list[_ModuleMaps] = field(repr=False)
+    hidden: np.ndarray | None = None  # (P, h) float64: hidden factors per person
+    _hidden_maps: tuple | None = field(default=None, repr=False)  # (w1, b1, w2, b2) of h(z_hidden)
+    _code_stats: tuple | None = field(default=None, repr=False)  # (mu_v, sd_v, mu_h, sd_h, typical sd)
 
     @property
     def layout(self) -> Layout:
@@ -144,7 +174,17 @@ class SyntheticWorld:
 
     @property
     def n(self) -> int:
+        """Number of rows (LoRAs): persons x LoRAs per person."""
+        return self.config.n_identities * self.config.loras_per_person
+
+    @property
+    def n_persons(self) -> int:
         return self.config.n_identities
+
+    @property
+    def person(self) -> np.ndarray:
+        """Person index of every row ``(N,)`` int64."""
+        return np.arange(self.n, dtype=np.int64) // self.config.loras_per_person
 
     @property
     def dim(self) -> int:
@@ -154,29 +194,76 @@ class SyntheticWorld:
         return self.n
 
     def ids(self, idx: Sequence[int] | None = None) -> list[str]:
-        """Stable entry ids (``id00042``) for identities ``idx`` (all by default)."""
+        """Stable entry ids for rows ``idx`` (all by default): ``id00042``, or ``id00042~1`` (the
+        person's second LoRA) with several LoRAs per person (see :func:`lorasynth.splits.person_key`)."""
         idx = range(self.n) if idx is None else idx
-        width = max(5, len(str(self.n - 1)))
-        return [f"id{int(i):0{width}d}" for i in idx]
+        m = self.config.loras_per_person
+        width = max(5, len(str(self.n_persons - 1)))
+        if m == 1:
+            return [f"id{int(i):0{width}d}" for i in idx]
+        return [f"id{int(i) // m:0{width}d}~{int(i) % m}" for i in idx]
 
     # ---------------------------------------------------------------- rows
-    def codes(self, idx: Sequence[int]) -> np.ndarray:
-        """Per-module codes ``(n, M, q)`` of identities ``idx`` (the nonlinear part)."""
-        z = self.factors[np.asarray(idx, dtype=np.int64)]
+    def _visible_codes(self, z: np.ndarray) -> np.ndarray:
         h = np.tanh(z @ self._w1 + self._b1)
-        c = np.tanh(h @ self._w2 + self._b2)
-        return c.reshape(len(z), len(self._modules), self.config.codes_per_module)
+        return np.tanh(h @ self._w2 + self._b2)
+
+    def _codes_from(self, z_vis: np.ndarray, z_hid: np.ndarray | None) -> np.ndarray:
+        """Per-module codes ``(n, M, q)`` from visible (and hidden) factors."""
+        c = self._visible_codes(z_vis)
+        if self._hidden_maps is not None and z_hid is not None:
+            w1, b1, w2, b2 = self._hidden_maps
+            mu_v, sd_v, mu_h, sd_h, typical = self._code_stats
+            f = self.config.visible_fraction
+            ch = np.tanh(np.tanh(z_hid @ w1 + b1) @ w2 + b2)
+            c = mu_v + typical * (math.sqrt(f) * (c - mu_v) / sd_v + math.sqrt(1 - f) * (ch - mu_h) / sd_h)
+        return c.reshape(len(c), len(self._modules), self.config.codes_per_module)
+
+    def codes(self, idx: Sequence[int]) -> np.ndarray:
+        """Per-module codes ``(n, M, q)`` of rows ``idx`` (the nonlinear part)."""
+        p = self.person[np.asarray(idx, dtype=np.int64)]
+        return self._codes_from(self.factors[p], None if self.hidden is None else self.hidden[p])
+
+    def _check(self, idx) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n):
+            raise IndexError(f"row index out of range 0..{self.n - 1}")
+        return idx
 
     def vectors(self, idx: Sequence[int]) -> np.ndarray:
         """Raw (unstandardised) canonical LoRA vectors ``(len(idx), D)`` float32."""
-        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.n):
-            raise IndexError(f"identity index out of range 0..{self.n - 1}")
-        codes = self.codes(idx)
+        idx = self._check(idx)
         noise = np.empty((len(idx), self.dim), dtype=np.float32)
         for row, i in enumerate(idx):
             noise[row] = _rng(self.config.seed, _NOISE, i).standard_normal(self.dim, dtype=np.float32)
-        out = np.empty((len(idx), self.dim), dtype=np.float32)
+        return self._assemble(self.codes(idx), noise)
+
+    def oracle_vectors(self, idx: Sequence[int], n_samples: int, seed: int = 0) -> np.ndarray:
+        """Exact samples of the true conditional distribution of rows ``idx`` given what their
+        embeddings see: ``(len(idx), n_samples, D)`` float32.
+
+        Each sample keeps the row's visible factors and draws the hidden factors and the LoRA
+        noise afresh from their priors: the ideal "one sample" a hypernetwork could give, whose
+        average over many samples is the best possible point prediction and whose pairwise
+        spread is the spread a calibrated sampler should show. (It knows the visible factors
+        exactly, so with embedding noise it is an upper bound.)
+        """
+        idx = self._check(idx)
+        cfg, h = self.config, 0 if self.hidden is None else self.hidden.shape[1]
+        out = np.empty((len(idx), n_samples, self.dim), dtype=np.float32)
+        p = self.person[idx]
+        for row, i in enumerate(idx):
+            rng = _rng(cfg.seed, _ORACLE, seed, i)
+            z_vis = np.repeat(self.factors[p[row]][None], n_samples, axis=0)
+            z_hid = rng.standard_normal((n_samples, h)) if h else None
+            noise = rng.standard_normal((n_samples, self.dim), dtype=np.float32)
+            out[row] = self._assemble(self._codes_from(z_vis, z_hid), noise)
+        return out
+
+    def _assemble(self, codes: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """Codes ``(n, M, q)`` and unit noise ``(n, D)`` -> canonical vectors ``(n, D)`` float32."""
+        n = len(codes)
+        out = np.empty((n, self.dim), dtype=np.float32)
         pos = 0
         for m, (spec, maps) in enumerate(zip(self.layout.modules, self._modules)):
             r, n_in = spec.down_shape[0], math.prod(spec.down_shape[1:])
@@ -188,21 +275,21 @@ class SyntheticWorld:
             down += maps.noise_down * noise[:, pos : pos + nd].reshape(-1, r, n_in)
             up += maps.noise_up * noise[:, pos + nd : pos + nd + nu].reshape(-1, n_out, r)
             b, a = _canonical_batch(torch.from_numpy(up), torch.from_numpy(down))
-            out[:, pos : pos + nd] = a.reshape(len(idx), nd).numpy()
-            out[:, pos + nd : pos + nd + nu] = b.reshape(len(idx), nu).numpy()
+            out[:, pos : pos + nd] = a.reshape(n, nd).numpy()
+            out[:, pos + nd : pos + nd + nu] = b.reshape(n, nu).numpy()
             pos += nd + nu
         return out
 
     def vector(self, i: int) -> np.ndarray:
-        """Raw canonical LoRA vector ``(D,)`` float32 of identity ``i``."""
+        """Raw canonical LoRA vector ``(D,)`` float32 of row ``i``."""
         return self.vectors([i])[0]
 
     def lora(self, i: int) -> LoRA:
-        """Identity ``i`` as a LoRA (alpha = rank, scale 1)."""
+        """Row ``i`` as a LoRA (alpha = rank, scale 1)."""
         return self.layout.unflatten(torch.from_numpy(self.vector(i)))
 
     def iter_batches(self, idx: Sequence[int] | None = None, batch_size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-        """``(vectors, embeddings, ids)`` batches over ``idx`` (all identities by default)."""
+        """``(vectors, embeddings, ids)`` batches over ``idx`` (all rows by default)."""
         idx = np.arange(self.n) if idx is None else np.asarray(idx, dtype=np.int64)
         for start in range(0, len(idx), batch_size):
             part = idx[start : start + batch_size]
@@ -210,21 +297,8 @@ class SyntheticWorld:
 
 
 def _canonical_batch(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched :func:`~lorasynth.lora.canonicalize_module` of ``delta W = up @ down``.
-
-    ``up (n, out, r)``, ``down (n, r, in)`` in float64 -> canonical ``(B, A)`` of the same shapes.
-    """
-    qb, rb = torch.linalg.qr(up)
-    qa, ra = torch.linalg.qr(down.transpose(1, 2))
-    uc, s, vhc = torch.linalg.svd(rb @ ra.transpose(1, 2))
-    u = qb @ uc
-    vh = vhc @ qa.transpose(1, 2)
-    idx = u.abs().argmax(dim=1, keepdim=True)  # (n, 1, r)
-    signs = torch.sign(torch.gather(u, 1, idx))
-    signs[signs == 0] = 1
-    u, vh = u * signs, vh * signs.transpose(1, 2)
-    root = s.clamp_min(0).sqrt()
-    return u * root[:, None, :], root[:, :, None] * vh
+    """Batched canonical form (:func:`lorasynth.lora.canonical_factors`) of ``delta W = up @ down``."""
+    return canonical_factors(up, down)
 
 
 def make_world(cfg: SyntheticWorldConfig) -> SyntheticWorld:
@@ -257,8 +331,23 @@ def make_world(cfg: SyntheticWorldConfig) -> SyntheticWorld:
             )
         )
     factors = _rng(cfg.seed, _FACTORS).standard_normal((cfg.n_identities, k))
-    embeddings = _embed(factors, cfg)
-    return SyntheticWorld(cfg, factors, embeddings, w1, b1, w2, b2, modules)
+    world = SyntheticWorld(cfg, factors, np.zeros((0, cfg.embed_dim), np.float32), w1, b1, w2, b2, modules)
+    if cfg.hidden_factors > 0:
+        h = cfg.hidden_factors
+        hr = _rng(cfg.seed, _HIDDEN)
+        hw1 = hr.standard_normal((h, cfg.hidden)) * cfg.gain / math.sqrt(h)
+        hb1 = hr.standard_normal(cfg.hidden) * 0.5
+        hw2 = hr.standard_normal((cfg.hidden, len(layout) * q)) * cfg.gain / math.sqrt(cfg.hidden)
+        hb2 = hr.standard_normal(len(layout) * q) * 0.3
+        world._hidden_maps = (hw1, hb1, hw2, hb2)
+        ref = _rng(cfg.seed, _HIDDEN, 1)  # fixed code statistics, independent of N
+        cv = world._visible_codes(ref.standard_normal((4096, k)))
+        ch = np.tanh(np.tanh(ref.standard_normal((4096, h)) @ hw1 + hb1) @ hw2 + hb2)
+        sd_v, sd_h = cv.std(0) + 1e-6, ch.std(0) + 1e-6
+        world._code_stats = (cv.mean(0), sd_v, ch.mean(0), sd_h, float(sd_v.mean()))
+        world.hidden = _rng(cfg.seed, _HIDDEN, 2).standard_normal((cfg.n_identities, h))
+    world.embeddings = _embed(factors, cfg)
+    return world
 
 
 def _embed(factors: np.ndarray, cfg: SyntheticWorldConfig) -> np.ndarray:
@@ -272,24 +361,17 @@ def _embed(factors: np.ndarray, cfg: SyntheticWorldConfig) -> np.ndarray:
     signal = np.tanh(factors @ v1 + c1) @ v2
     signal -= (np.tanh(reference @ v1 + c1) @ v2).mean(axis=0, keepdims=True)
     signal /= np.linalg.norm(signal, axis=1, keepdims=True) + 1e-12
+    if cfg.loras_per_person > 1:  # one photo per LoRA: the person's signal, the row's noise
+        signal = np.repeat(signal, cfg.loras_per_person, axis=0)
     noise = _rng(cfg.seed, _EMBED, 1).standard_normal(signal.shape) * cfg.embed_noise / math.sqrt(e)
     emb = signal + noise
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     return emb.astype(np.float32)
 
 
-def train_test_split(n: int, test_frac: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Random split of ``range(n)`` into sorted ``(train_idx, test_idx)`` int64 arrays.
-
-    At least one item lands in each part when ``n >= 2`` and ``0 < test_frac < 1``.
-    """
-    if not 0.0 <= test_frac <= 1.0:
-        raise ValueError(f"test_frac must be in [0, 1], got {test_frac}")
-    perm = np.random.default_rng(seed).permutation(n)
-    n_test = int(round(n * test_frac))
-    if n >= 2 and 0.0 < test_frac < 1.0:
-        n_test = min(max(n_test, 1), n - 1)
-    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+# train_test_split moved to lorasynth.splits (splits belong to evaluation, not to the world);
+# re-exported here for old callers.
+from .splits import train_test_split  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------- delta-W geometry
@@ -309,3 +391,33 @@ def write_world_pack(world: SyntheticWorld, out_dir: str | Path, idx: Sequence[i
         for vectors, embeddings, ids in world.iter_batches(idx, batch_size):
             writer.add_batch(vectors, embeddings, ids)
     return Path(out_dir)
+
+
+# --------------------------------------------------------------------------- the quality grid
+
+
+def hard_world_config(n_identities: int, layout: Layout | str = "tiny", visible_fraction: float = 0.6,
+                      loras_per_person: int = 2, embed_noise: float = 0.1, gain: float = 1.5,
+                      hidden_factors: int = 8, lora_noise: float = 0.1, embed_dim: int = 128,
+                      seed: int = 0) -> SyntheticWorldConfig:
+    """A hard world: the embedding sees ``visible_fraction`` of each LoRA's code variance.
+
+    ``layout``: a :class:`Layout`, ``"tiny"`` or ``"w2w"``. ``gain`` sets the nonlinearity of
+    the maps (tanh pre-activation scale), ``embed_noise`` the photo-to-photo noise of the
+    embedding, ``lora_noise`` the run-to-run noise of a person's LoRAs.
+    """
+    if isinstance(layout, str):
+        layout = {"tiny": tiny_layout, "w2w": Layout.w2w}[layout]()
+    return SyntheticWorldConfig(n_identities, layout, embed_dim=embed_dim, embed_noise=embed_noise, seed=seed,
+                                gain=gain, lora_noise=lora_noise, hidden_factors=hidden_factors,
+                                visible_fraction=visible_fraction, loras_per_person=loras_per_person)
+
+
+#: The worlds ``scripts/bench_quality.py`` reports on (name -> :func:`hard_world_config` keywords).
+QUALITY_GRID: dict[str, dict] = {
+    "tiny-vis30": dict(layout="tiny", visible_fraction=0.3),
+    "tiny-vis60": dict(layout="tiny", visible_fraction=0.6),
+    "tiny-vis95": dict(layout="tiny", visible_fraction=0.95),
+    "tiny-vis60-curved": dict(layout="tiny", visible_fraction=0.6, gain=2.5, embed_noise=0.3),
+    "w2w-vis60": dict(layout="w2w", visible_fraction=0.6),
+}

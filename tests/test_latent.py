@@ -15,7 +15,8 @@ from lorasynth.latent.pca import PCA, fit_pca
 from lorasynth.latent.vae import LoRAVAE, VAEConfig, chunk_geometry, train_vae
 from lorasynth.layout import Layout
 from lorasynth.pack import open_pack
-from lorasynth.synthetic import SyntheticWorldConfig, make_world, tiny_layout, train_test_split, write_world_pack
+from lorasynth.splits import train_test_split
+from lorasynth.synthetic import SyntheticWorldConfig, make_world, tiny_layout, write_world_pack
 from lorasynth.training import TrainConfig, fit, resolve_devices
 
 # small enough to train in ~20 s on a shared CPU core; the default config is for real layouts

@@ -12,8 +12,8 @@ from lorasynth.synthetic import (
     delta_cosine,
     make_world,
     tiny_layout,
-    train_test_split,
 )
+from lorasynth.splits import train_test_split
 
 
 
@@ -117,3 +117,55 @@ def test_mean_lora_is_poor_and_a_learned_model_beats_neighbours(world):
     assert nn_cos > mean_cos + 0.2, (nn_cos, mean_cos)
     assert blend_cos > nn_cos
     assert learned_cos > blend_cos + 0.02, (learned_cos, blend_cos)
+
+
+# ---------------------------------------------------------------------------------------- hard worlds
+def test_hard_world_rows_persons_and_ids():
+    from lorasynth.splits import person_key
+    from lorasynth.synthetic import hard_world_config
+
+    w = make_world(hard_world_config(50, "tiny", visible_fraction=0.6, loras_per_person=3, seed=2))
+    assert w.n == 150 and w.n_persons == 50 and w.embeddings.shape == (150, 128)
+    assert list(w.person[:4]) == [0, 0, 0, 1]
+    ids = w.ids()
+    assert ids[4] == "id00001~1" and person_key(ids[4]) == "id00001" and len(set(ids)) == 150
+    v = w.vectors(np.arange(6)).astype(np.float64)
+    same = delta_cosine(w.layout, v[0], v[1]).item()
+    other = delta_cosine(w.layout, v[0], v[3]).item()
+    assert same > other + 0.2  # two LoRAs of one person are near copies: why splits go by person
+    # a person's embeddings differ (one photo per LoRA) but are closer than another person's
+    e = w.embeddings
+    assert e[0] @ e[1] < 0.9999 and e[0] @ e[1] > e[0] @ e[3]
+
+
+def test_oracle_samples_the_conditional_and_visibility_controls_difficulty():
+    from lorasynth.evaluate import sample_scores
+    from lorasynth.synthetic import hard_world_config
+
+    scores = {}
+    for vis in (0.3, 0.95):
+        w = make_world(hard_world_config(60, "tiny", visible_fraction=vis, loras_per_person=1, seed=3))
+        rows = np.arange(40)
+        o = w.oracle_vectors(rows, 8, seed=1)
+        assert o.shape == (40, 8, w.dim) and o.dtype == np.float32
+        np.testing.assert_array_equal(o, w.oracle_vectors(rows, 8, seed=1))  # deterministic per seed
+        scores[vis] = sample_scores(w.layout, o.astype(np.float64), w.vectors(rows).astype(np.float64))
+    # the more the embedding sees, the better the ideal sampler and the less its samples vary
+    assert scores[0.95]["one_sample"] > scores[0.3]["one_sample"] + 0.2
+    assert scores[0.95]["pairwise_cosine"] > scores[0.3]["pairwise_cosine"] + 0.2
+    for s in scores.values():  # averaging exact samples beats one of them
+        assert s["mean_of_n"] > s["one_sample"]
+
+
+def test_split_by_person_keeps_every_person_on_one_side():
+    from lorasynth.splits import persons_of, split_by_person
+
+    ids = [f"p{i // 3}~{i % 3}" for i in range(300)] + ["solo"]
+    tr, va, te = split_by_person(ids, 0.1, 0.2, seed=4)
+    assert len(tr) + len(va) + len(te) == 301
+    sides = [persons_of(ids, x) for x in (tr, va, te)]
+    assert all(not (a & b) for i, a in enumerate(sides) for b in sides[i + 1 :])
+    assert len(sides[2]) == 20 and len(sides[1]) == 10  # fractions of persons, not rows
+    np.testing.assert_array_equal(te, split_by_person(ids, 0.1, 0.2, seed=4)[2])
+    with pytest.raises(ValueError):
+        split_by_person(ids, 0.5, 0.6)

@@ -1,17 +1,18 @@
-"""The hypernetwork: a conditional latent diffusion model, face embedding -> LoRA latent.
+"""The hypernetwork: face embedding -> LoRA latent (closed-form mean + residual diffusion).
 
-``HypernetConfig`` / ``Denoiser`` (model.py) import only torch; ``HypernetDiffusion`` and
-``latent_dataloader`` (diffusion.py) pull in Lightning and diffusers, so they are loaded
-lazily on first access.
+``HypernetConfig`` / ``Denoiser`` / ``Hypernet`` (model.py: loading and sampling) import only
+torch and safetensors; ``HypernetDiffusion`` and ``latent_dataloader`` (diffusion.py: training)
+pull in Lightning, so they are loaded lazily on first access.
 """
 
 from __future__ import annotations
 
-from .model import Denoiser, HypernetConfig
+from .model import CONFIG_FILE, WEIGHTS_FILE, Denoiser, Hypernet, HypernetConfig
 
-_LAZY = {"HypernetDiffusion", "latent_dataloader", "WEIGHTS_FILE", "CONFIG_FILE"}
+_LAZY = {"HypernetDiffusion", "latent_dataloader", "calibrate_sampling"}
 
-__all__ = ["CONFIG_FILE", "Denoiser", "HypernetConfig", "HypernetDiffusion", "WEIGHTS_FILE", "latent_dataloader"]
+__all__ = ["CONFIG_FILE", "Denoiser", "Hypernet", "HypernetConfig", "HypernetDiffusion", "WEIGHTS_FILE",
+           "calibrate_sampling", "latent_dataloader"]
 
 
 def __getattr__(name: str):

@@ -1,77 +1,47 @@
-"""Conditional latent diffusion ("the hypernetwork"): face embedding -> LoRA latent.
+"""Training the hypernetwork (Lightning): closed-form mean, residual diffusion, EMA, calibration.
 
-:class:`HypernetDiffusion` is a LightningModule that
+:class:`HypernetDiffusion` is the LightningModule that trains a
+:class:`~lorasynth.hypernet.model.Hypernet` (the plain-torch model that synthesis loads):
 
-* trains the :class:`~lorasynth.hypernet.model.Denoiser` on (latent, face-embedding) pairs with
-  diffusers' ``DDPMScheduler`` noise (``add_noise``, ``get_velocity``), random timesteps and
-  condition dropout (for classifier-free guidance), AdamW with warm-up + cosine decay and an
-  exponential moving average (EMA) of the weights that sampling and export use;
-* samples with diffusers' ``DDIMScheduler`` (eta=0) or ``DPMSolverMultistepScheduler``
-  (dpmsolver++), configured with the training schedule and prediction type, so sampling is
-  deterministic given a seed; the conditional and null branches of classifier-free guidance
-  run as one batch of 2B;
-* exports to ``hypernet.safetensors`` + ``hypernet.json`` and loads from them without ever
-  unpickling anything.
+* :meth:`HypernetDiffusion.for_data` measures the standardization statistics on the training
+  pairs, fits the kernel-ridge conditional mean (tuned on the validation pairs, see
+  :mod:`lorasynth.hypernet.regression`) and keeps the *cross-fitted* standardized residuals as
+  the diffusion's data;
+* training is denoising on those residuals: random timesteps of the cosine schedule, the
+  ``v`` (or ``eps``/``x0``) target, condition dropout for classifier-free guidance, AdamW with
+  warm-up + cosine decay, and an EMA of the weights that sampling and export use;
+* :func:`calibrate_sampling` picks the sampler settings (steps, DDIM eta, guidance) on
+  validation people by the energy score, a proper scoring rule for samples: it rewards being
+  close to the truth *and* having the right spread (a collapsed sampler scores badly).
 
-Latents are standardized per dimension with a mean/std measured on the training latents, and
-face embeddings are centred per dimension and divided by one global scale (keeps their
-geometry, makes a 128-d unit vector and a 512-d ArcFace vector look alike to the network).
-Those statistics are buffers: they travel in checkpoints and in the exported file.
+Lightning is imported here only; the exported model loads without it.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import math
-from pathlib import Path
 from typing import Any
 
 import lightning
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..errors import ModelError
-from .model import Denoiser, HypernetConfig
-
-WEIGHTS_FILE = "hypernet.safetensors"
-CONFIG_FILE = "hypernet.json"
-FORMAT_NAME = "lorasynth-hypernet"
-FORMAT_VERSION = 1
-SCHEDULERS = ("ddim", "dpm")
-
-#: Sampling defaults, used by ``sample`` and written to ``hypernet.json`` (a CLI reads them there).
-#: Tuned on planted worlds (2,000 train / 200 held-out identities): with x0-prediction, 3-5
-#: DDIM/DPM steps already match 10-20; guidance 1.0 (the plain conditional model) scored best,
-#: guidance >= 1.5 lowered the held-out delta-W cosine (extrapolating past an already sharp
-#: conditional). Guidance 1.0 also skips the null branch, halving the sampling cost.
-DEFAULT_STEPS = 10
-DEFAULT_GUIDANCE = 1.0
-DEFAULT_SCHEDULER = "ddim"
-
-_STAT_KEYS = ("latent_mean", "latent_std", "cond_mean", "cond_scale")
-
-
-def latent_dataloader(
-    latents: Tensor, conds: Tensor, batch_size: int = 256, shuffle: bool = True, seed: int = 0
-) -> DataLoader:
-    """A DataLoader of (latent, condition) float32 pairs for :func:`lorasynth.training.fit`.
-
-    ``drop_last`` when the data is larger than one batch, so every step sees a full batch.
-    """
-    latents, conds = _as_pairs(latents, conds)
-    gen = torch.Generator().manual_seed(seed)
-    batch_size = min(batch_size, len(latents))
-    return DataLoader(
-        TensorDataset(latents, conds),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=shuffle and len(latents) > batch_size,
-        generator=gen,
-    )
+from .model import (  # noqa: F401  (re-exported: older code imports them from here)
+    CONFIG_FILE,
+    DEFAULT_GUIDANCE,
+    DEFAULT_SCHEDULER,
+    DEFAULT_STEPS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    SCHEDULERS,
+    WEIGHTS_FILE,
+    Denoiser,
+    Hypernet,
+    HypernetConfig,
+)
+from .regression import fit_kernel_mean
 
 
 def _as_pairs(latents: Tensor, conds: Tensor) -> tuple[Tensor, Tensor]:
@@ -87,138 +57,155 @@ def _as_pairs(latents: Tensor, conds: Tensor) -> tuple[Tensor, Tensor]:
     return latents, conds
 
 
-class HypernetDiffusion(lightning.LightningModule):
-    """Conditional diffusion over standardized LoRA latents (see module docstring).
+def latent_dataloader(x0: Tensor, conds: Tensor, batch_size: int = 256, shuffle: bool = True, seed: int = 0,
+                      num_samples: int | None = None) -> DataLoader:
+    """A DataLoader of (diffusion-space x0, normalized condition) pairs.
 
-    ``lr``/``weight_decay``/``warmup_steps`` set AdamW and its warm-up + cosine schedule (the
-    total length is the Trainer's ``max_steps``); ``ema_decay`` (0 disables) is the EMA of the
-    weights used for sampling/export (its decay warms up as ``(1+n)/(10+n)`` so short runs are
-    not dominated by the random initialization). ``loss_weighting`` is ``"none"`` (plain MSE on
-    the prediction target) or ``"min_snr"`` (Min-SNR-5 weighting, Hang et al. 2023).
-    Call :meth:`set_data_stats` (or build with :meth:`for_data`) before training.
+    ``num_samples`` chains reshuffled passes into one long epoch (Lightning's per-epoch cost
+    dominates on small libraries); ``drop_last`` so every step sees a full batch.
+    """
+    x0, conds = _as_pairs(x0, conds)
+    gen = torch.Generator().manual_seed(seed)
+    batch_size = min(batch_size, len(x0))
+    sampler = None
+    if shuffle and num_samples:
+        sampler = torch.utils.data.RandomSampler(range(len(x0)), num_samples=max(num_samples, len(x0)), generator=gen)
+    return DataLoader(TensorDataset(x0, conds), batch_size=batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler, drop_last=shuffle and len(x0) > batch_size,
+                      generator=gen if sampler is None else None)
+
+
+class HypernetDiffusion(lightning.LightningModule):
+    """Trains a :class:`Hypernet` (see module docstring); ``self.model`` holds the weights and
+    statistics, ``self.ema`` the EMA copy of its denoiser.
+
+    Batches are ``(x0, cond_n)``: standardized residuals and normalized conditions, as made by
+    :meth:`for_data` (``train_pairs`` / ``val_pairs``).
     """
 
-    def __init__(
-        self,
-        config: HypernetConfig,
-        lr: float = 2e-3,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 100,
-        ema_decay: float = 0.999,
-        loss_weighting: str = "none",
-    ) -> None:
+    def __init__(self, config: HypernetConfig, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 warmup_steps: int = 100, ema_decay: float = 0.999, loss_weighting: str = "none") -> None:
         super().__init__()
         if loss_weighting not in ("none", "min_snr"):
             raise ModelError(f"loss_weighting must be 'none' or 'min_snr', got {loss_weighting!r}")
-        self.config = config
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.warmup_steps = warmup_steps
-        self.ema_decay = ema_decay
-        self.loss_weighting = loss_weighting
-        self.net = Denoiser(config)
-        self.ema = copy.deepcopy(self.net).requires_grad_(False) if ema_decay > 0 else None
-        self.register_buffer("latent_mean", torch.zeros(config.latent_dim))
-        self.register_buffer("latent_std", torch.ones(config.latent_dim))
-        self.register_buffer("cond_mean", torch.zeros(config.cond_dim))
-        self.register_buffer("cond_scale", torch.ones(()))
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.ema_decay, self.loss_weighting = ema_decay, loss_weighting
+        self.model = Hypernet(config)
+        self.ema = copy.deepcopy(self.model.net).requires_grad_(False) if ema_decay > 0 else None
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
-        self.noise_scheduler = DDPMScheduler(**self._schedule_kwargs(), clip_sample=False)
-        #: Sampling settings recorded in an exported hypernet.json (filled by :meth:`load`).
-        self.sampling_defaults = {"num_steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE,
-                                  "scheduler": DEFAULT_SCHEDULER}
+        self.train_pairs: tuple[Tensor, Tensor] | None = None
+        self.val_pairs: tuple[Tensor, Tensor] | None = None
+        self.mean_report: dict = {}
 
-    # ------------------------------------------------------------------ construction / stats
+    @property
+    def config(self) -> HypernetConfig:
+        return self.model.config
+
+    @property
+    def net(self) -> Denoiser:
+        return self.model.net
+
+    # ------------------------------------------------------------------ data
     @classmethod
-    def for_data(cls, latents: Tensor, conds: Tensor, config: HypernetConfig | None = None, **kwargs: Any):
-        """Module sized for ``latents`` (N, D) and ``conds`` (N, C), with their statistics set.
+    def for_data(cls, latents: Tensor, conds: Tensor, config: HypernetConfig | None = None,
+                 val: tuple[Tensor, Tensor] | None = None, seed: int = 0, **kwargs: Any) -> "HypernetDiffusion":
+        """A module sized for ``latents`` (N, K) / ``conds`` (N, C), statistics and mean fitted.
 
-        ``config`` fields ``latent_dim``/``cond_dim`` are overridden by the data's shapes.
+        ``val``: validation (latents, conds) of people not in training: they choose the mean's
+        kernel width and ridge (else 5-fold cross-validation on the training rows).
         """
         latents, conds = _as_pairs(latents, conds)
         base = (config or HypernetConfig()).to_dict()
         base.update(latent_dim=latents.shape[1], cond_dim=conds.shape[1])
         module = cls(HypernetConfig.from_dict(base), **kwargs)
-        module.set_data_stats(latents, conds)
+        module.set_data(latents, conds, val, seed)
         return module
 
     @torch.no_grad()
-    def set_data_stats(self, latents: Tensor, conds: Tensor) -> None:
-        """Measure the standardization statistics on the training pairs (stored as buffers)."""
+    def set_data(self, latents: Tensor, conds: Tensor, val: tuple[Tensor, Tensor] | None = None, seed: int = 0) -> None:
+        """Statistics, closed-form mean and the (cross-fitted) diffusion training pairs."""
         latents, conds = _as_pairs(latents, conds)
+        m = self.model
         if latents.shape[1] != self.config.latent_dim or conds.shape[1] != self.config.cond_dim:
             raise ModelError(
                 f"data is latent {latents.shape[1]}-d / condition {conds.shape[1]}-d but the hypernet "
                 f"expects {self.config.latent_dim}-d / {self.config.cond_dim}-d"
             )
         std = latents.std(0)
-        # A constant dimension would divide by ~0: floor the std at a small fraction of the typical one.
-        floor = max(float(std.median()) * 1e-3, 1e-8)
-        self.latent_mean.copy_(latents.mean(0))
-        self.latent_std.copy_(std.clamp_min(floor))
-        centred = conds - conds.mean(0)
-        self.cond_mean.copy_(conds.mean(0))
-        self.cond_scale.copy_(centred.pow(2).mean().sqrt().clamp_min(1e-8))
+        floor = max(float(std.median()) * 1e-3, 1e-8)  # a constant dimension would divide by ~0
+        m.latent_mean.copy_(latents.mean(0))
+        m.latent_std.copy_(std.clamp_min(floor))
+        m.cond_mean.copy_(conds.mean(0))
+        m.cond_scale.copy_((conds - conds.mean(0)).pow(2).mean().sqrt().clamp_min(1e-8))
+        zn, cn = m.normalize_latent(latents), m.normalize_cond(conds)
+        vz = vc = None
+        if val is not None and len(val[0]):
+            vz, vc = m.normalize_latent(torch.as_tensor(val[0]).float()), m.normalize_cond(torch.as_tensor(val[1]).float())
+        if self.config.residual_mean:
+            mean, resid, self.mean_report = fit_kernel_mean(cn, zn, vc, vz, self.config.mean_landmarks, seed=seed)
+            m.landmarks, m.coef = mean.landmarks.clone(), mean.coef.clone()
+            m.gamma.fill_(mean.gamma)
+        else:
+            resid = zn
+        rstd = resid.std(0)
+        m.resid_std.copy_(rstd.clamp_min(max(float(rstd.median()) * 1e-3, 1e-8)))
+        self.train_pairs = (resid / m.resid_std, cn)
+        if vz is not None:
+            self.val_pairs = ((vz - m.conditional_mean(vc)) / m.resid_std, vc)
 
-    def normalize_latent(self, z: Tensor) -> Tensor:
-        return (z - self.latent_mean) / self.latent_std
+    def train_dataloader_for(self, batch_size: int, max_steps: int, seed: int = 0) -> DataLoader:
+        if self.train_pairs is None:
+            raise ModelError("call for_data/set_data before training the hypernetwork")
+        from ..training import StepSampler
 
-    def denormalize_latent(self, z: Tensor) -> Tensor:
-        return z * self.latent_std + self.latent_mean
+        x0, conds = _as_pairs(*self.train_pairs)
+        batch_size = min(batch_size, len(x0))
+        # this rank's slice of every global batch (DDP); one process: a reshuffled long epoch
+        return DataLoader(TensorDataset(x0, conds), batch_size=batch_size, drop_last=True,
+                          sampler=StepSampler(len(x0), batch_size, max_steps, seed))
 
-    def normalize_cond(self, c: Tensor) -> Tensor:
-        return (c - self.cond_mean) / self.cond_scale
-
-    def _schedule_kwargs(self) -> dict[str, Any]:
-        c = self.config
-        return dict(
-            num_train_timesteps=c.num_train_timesteps,
-            beta_schedule=c.beta_schedule,
-            prediction_type=c.diffusers_prediction_type,
-            rescale_betas_zero_snr=c.rescale_zero_snr,
-        )
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resize the data-sized buffers (landmarks, coef) to the checkpoint's before loading."""
+        state = checkpoint.get("state_dict", {})
+        for key in ("landmarks", "coef"):
+            t = state.get(f"model.{key}")
+            if t is not None:
+                setattr(self.model, key, torch.zeros_like(t))
 
     # ------------------------------------------------------------------ training
-    def compute_loss(self, latents: Tensor, conds: Tensor) -> Tensor:
-        """Diffusion loss on a batch of raw (latent, condition) pairs (global torch RNG)."""
-        x0 = self.normalize_latent(latents)
-        cond = self.normalize_cond(conds)
+    def compute_loss(self, x0: Tensor, cond: Tensor) -> Tensor:
+        """Denoising loss on a batch of (x0, normalized condition) pairs (global torch RNG)."""
+        ac = self.model.alphas_cumprod.to(x0.device)
         batch = x0.shape[0]
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.config.num_train_timesteps, (batch,), device=x0.device)
-        x_t = self.noise_scheduler.add_noise(x0, noise, t)
+        a = ac[t].unsqueeze(1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         drop = torch.rand(batch, device=x0.device) < self.config.cond_dropout
+        if self.config.residual_mean and not self.config.residual_condition:
+            drop = torch.ones_like(drop)  # an unconditional residual model
         pred = self.net(x_t, t, cond, drop)
         if self.config.prediction == "x0":
             target = x0
         elif self.config.prediction == "eps":
             target = noise
         else:
-            target = self.noise_scheduler.get_velocity(x0, noise, t)
+            target = a.sqrt() * noise - (1 - a).sqrt() * x0
         per_row = (pred - target).pow(2).mean(dim=1)
         if self.loss_weighting == "min_snr":
-            per_row = per_row * self._min_snr_weight(t)
+            snr = (a / (1 - a)).squeeze(1)
+            w = snr.clamp(max=5.0)
+            per_row = per_row * (w if self.config.prediction == "x0" else w / snr if self.config.prediction == "eps"
+                                 else w / (snr + 1))
         return per_row.mean()
 
-    def _min_snr_weight(self, t: Tensor, gamma: float = 5.0) -> Tensor:
-        ac = self.noise_scheduler.alphas_cumprod.to(t.device)[t]
-        snr = ac / (1 - ac)
-        clipped = snr.clamp(max=gamma)
-        if self.config.prediction == "x0":
-            return clipped
-        if self.config.prediction == "eps":
-            return clipped / snr
-        return clipped / (snr + 1)
-
     def training_step(self, batch, batch_idx):
-        latents, conds = batch
-        loss = self.compute_loss(latents, conds)
+        loss = self.compute_loss(*batch)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch, batch_idx):
-        latents, conds = batch
-        loss = self.compute_loss(latents, conds)
+        loss = self.compute_loss(*batch)
         self.log("val_loss", loss, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 
@@ -227,7 +214,7 @@ class HypernetDiffusion(lightning.LightningModule):
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """One EMA step towards the trained weights (no-op when EMA is disabled)."""
+        """One EMA step towards the trained weights (decay warms up as ``(1+n)/(10+n)``)."""
         if self.ema is None:
             return
         n = int(self.ema_updates)
@@ -243,192 +230,84 @@ class HypernetDiffusion(lightning.LightningModule):
         for name, p in self.net.named_parameters():
             (decay if p.ndim >= 2 and name != "null_cond" else no_decay).append(p)
         opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.lr,
-        )
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
         total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else 1000
         warmup = min(self.warmup_steps, max(0, total // 10))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_warmup_lr(step, warmup, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    # ------------------------------------------------------------------ sampling
-    @property
-    def sampling_net(self) -> Denoiser:
-        """The weights used for sampling: the EMA copy when there is one."""
-        return self.ema if self.ema is not None else self.net
-
-    def guided_prediction(self, x_t: Tensor, t: Tensor, cond: Tensor | None, guidance: float) -> Tensor:
-        """Classifier-free-guided model output for standardized ``cond`` (or unconditional if None).
-
-        ``uncond + guidance * (cond - uncond)``, both branches in one batch of 2B. With
-        ``guidance == 1`` this is the conditional prediction, computed without the null branch.
-        """
-        net = self.sampling_net
-        if t.ndim == 0:
-            t = t.expand(x_t.shape[0])
-        if cond is None:
-            return net(x_t, t, None)
-        if guidance == 1.0:
-            return net(x_t, t, cond)
-        batch = x_t.shape[0]
-        drop = torch.cat([torch.zeros(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool)])
-        out = net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, cond]), drop.to(x_t.device))
-        out_c, out_u = out.chunk(2)
-        return out_u + guidance * (out_c - out_u)
-
-    def make_scheduler(self, kind: str = DEFAULT_SCHEDULER):
-        """A fresh inference scheduler (diffusers) matching the training schedule and target."""
-        if kind == "ddim":
-            return DDIMScheduler(
-                **self._schedule_kwargs(), clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing"
-            )
-        if kind == "dpm":
-            return DPMSolverMultistepScheduler(
-                **self._schedule_kwargs(),
-                algorithm_type="dpmsolver++",
-                solver_order=2,
-                lower_order_final=True,
-                timestep_spacing="trailing",
-                final_sigmas_type="zero",
-            )
-        raise ModelError(f"unknown sampler {kind!r}; choose one of {SCHEDULERS}")
-
-    def _clip_output(self, out: Tensor, x_t: Tensor, t: int) -> Tensor:
-        """Clamp the implied x0 to +-clip_sample (standardized units), return the same kind of output."""
-        lim = self.config.clip_sample
-        if lim is None:
-            return out
-        a = self.noise_scheduler.alphas_cumprod[int(t)].to(out)
-        sa, sb = a.sqrt(), (1 - a).sqrt()
-        kind = self.config.prediction
-        if kind == "x0":
-            return out.clamp(-lim, lim)
-        x0 = (x_t - sb * out) / sa if kind == "eps" else sa * x_t - sb * out
-        x0 = x0.clamp(-lim, lim)
-        eps = (x_t - sa * x0) / sb
-        # v = sqrt(a) * eps - sqrt(1 - a) * x0 (diffusers' get_velocity)
-        return eps if kind == "eps" else sa * eps - sb * x0
+    # ------------------------------------------------------------------ the exported model
+    def hypernet(self) -> Hypernet:
+        """A plain :class:`Hypernet` with the EMA weights (a copy), in eval mode."""
+        out = copy.deepcopy(self.model).cpu()
+        if self.ema is not None:
+            out.net.load_state_dict(self.ema.state_dict())
+        return out.eval()
 
     @torch.no_grad()
-    def sample(
-        self,
-        cond: Tensor | None = None,
-        *,
-        num_steps: int | None = None,
-        guidance: float | None = None,
-        seed: int | None = 0,
-        generator: torch.Generator | None = None,
-        scheduler: str | None = None,
-        n_samples: int = 1,
-        mean_of_samples: int = 1,
-    ) -> Tensor:
-        """Sample LoRA latents (raw, de-standardized), float32 of shape (B * n_samples, latent_dim).
+    def sample(self, cond=None, **kwargs) -> Tensor:
+        return self.hypernet().sample(cond, **kwargs)
 
-        ``cond``: (B, cond_dim) face embeddings (raw, as in training) or ``None`` for
-        unconditional samples (new identities; then B = 1 and ``n_samples`` is how many).
-        Rows ``i*n_samples ... (i+1)*n_samples-1`` belong to condition ``i``.
-        ``guidance``: classifier-free guidance scale (1 = plain conditional model).
-        ``mean_of_samples``: average this many independent samples per output row (a
-        lower-variance estimate of the conditional mean; 1 = an ordinary sample).
-        ``num_steps``/``guidance``/``scheduler`` (``"ddim"`` or ``"dpm"``) default to
-        ``self.sampling_defaults`` (the values recorded in ``hypernet.json`` for a loaded model).
-        Randomness comes only from ``generator`` if given, else from ``torch.Generator`` seeded
-        with ``seed`` (``None``: a random seed); same seed and inputs -> bit-identical output.
-        """
-        defaults = self.sampling_defaults
-        num_steps = int(defaults.get("num_steps", DEFAULT_STEPS) if num_steps is None else num_steps)
-        guidance = float(defaults.get("guidance", DEFAULT_GUIDANCE) if guidance is None else guidance)
-        scheduler = str(defaults.get("scheduler", DEFAULT_SCHEDULER) if scheduler is None else scheduler)
-        if num_steps < 1 or n_samples < 1 or mean_of_samples < 1:
-            raise ModelError("num_steps, n_samples and mean_of_samples must all be >= 1")
-        was_training = self.training
-        self.eval()
-        try:
-            device = self.latent_mean.device
-            if cond is not None:
-                cond = torch.as_tensor(cond, dtype=torch.float32, device=device)
-                if cond.ndim == 1:
-                    cond = cond.unsqueeze(0)
-                if cond.ndim != 2 or cond.shape[1] != self.config.cond_dim:
-                    raise ModelError(
-                        f"condition must be (B, {self.config.cond_dim}); got {tuple(cond.shape)} "
-                        "(was the hypernet trained with a different face embedder?)"
-                    )
-                n_cond = cond.shape[0]
-            else:
-                n_cond = 1
-            reps = n_samples * mean_of_samples
-            rows = n_cond * reps
-            c = None if cond is None else self.normalize_cond(cond).repeat_interleave(reps, dim=0)
-            if generator is None:
-                generator = torch.Generator(device="cpu")
-                if seed is None:
-                    generator.seed()
-                else:
-                    generator.manual_seed(int(seed))
-            sched = self.make_scheduler(scheduler)
-            sched.set_timesteps(num_steps, device=device)
-            x = torch.randn(rows, self.config.latent_dim, generator=generator).to(device)
-            x = x * sched.init_noise_sigma
-            for t in sched.timesteps:
-                out = self.guided_prediction(x, t.to(device), c, guidance)
-                out = self._clip_output(out, x, int(t))
-                step_kwargs = {"eta": 0.0} if scheduler == "ddim" else {}
-                x = sched.step(out, t, x, return_dict=False, **step_kwargs)[0]
-            x = x.view(n_cond * n_samples, mean_of_samples, -1).mean(dim=1)
-            return self.denormalize_latent(x).float()
-        finally:
-            self.train(was_training)
-
-    # ------------------------------------------------------------------ export / load
-    def export(self, out_dir: str | Path, sampling: dict | None = None) -> Path:
-        """Write ``hypernet.safetensors`` (sampling weights + statistics) and ``hypernet.json``.
-
-        The json records ``self.sampling_defaults`` (``num_steps``, ``guidance``, ``scheduler``),
-        updated by ``sampling`` if given. Returns the directory.
-        """
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.sampling_net.state_dict().items()}
-        for key in _STAT_KEYS:
-            tensors[key] = getattr(self, key).detach().cpu().contiguous()
-        save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
-        meta = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "config": self.config.to_dict(),
-            "sampling": {**self.sampling_defaults, **(sampling or {})},
-        }
-        (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        return out
+    def export(self, out_dir, sampling: dict | None = None, extra: dict | None = None):
+        """Write the EMA model as ``hypernet.safetensors`` + ``hypernet.json``."""
+        return self.hypernet().export(out_dir, sampling, {"mean": self.mean_report, **(extra or {})})
 
     @classmethod
-    def load(cls, model_dir: str | Path, map_location: str | torch.device = "cpu") -> "HypernetDiffusion":
-        """Load an exported hypernet (safetensors + json only; nothing is unpickled), in eval mode."""
-        d = Path(model_dir)
-        cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
-        if not cfg_path.is_file() or not w_path.is_file():
-            raise ModelError(f"no hypernetwork in {d}: need {CONFIG_FILE} and {WEIGHTS_FILE}")
-        try:
-            meta = json.loads(cfg_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"unreadable {cfg_path}: {exc}") from exc
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-            raise ModelError(f"{cfg_path} is not a lorasynth hypernetwork config")
-        if int(meta.get("version", 0)) > FORMAT_VERSION:
-            raise ModelError(f"{cfg_path} has format version {meta.get('version')}; upgrade lorasynth")
-        config = HypernetConfig.from_dict(meta.get("config", {}))
-        try:
-            tensors = load_file(str(w_path), device=str(map_location))
-        except Exception as exc:  # safetensors raises its own error types
-            raise ModelError(f"unreadable {w_path}: {exc}") from exc
-        module = cls(config, ema_decay=0.0)
-        net_state = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
-        try:
-            module.net.load_state_dict(net_state, strict=True)
-            for key in _STAT_KEYS:
-                getattr(module, key).copy_(tensors[key])
-        except (RuntimeError, KeyError) as exc:
-            raise ModelError(f"{w_path} does not match its config: {exc}") from exc
-        module.sampling_defaults = dict(meta.get("sampling", {}))
-        return module.to(map_location).eval()
+    def load(cls, model_dir, map_location="cpu") -> Hypernet:
+        """Load an exported hypernetwork (a plain :class:`Hypernet`; kept here for old callers)."""
+        return Hypernet.load(model_dir, map_location)
+
+
+#: Sampler settings tried by :func:`calibrate_sampling`.
+CALIBRATION_GRID = ((50, 0.0, 1.0), (100, 0.0, 1.0), (200, 0.0, 1.0), (100, 1.0, 1.0), (100, 0.0, 1.5))
+
+
+@torch.no_grad()
+def energy_score(samples: Tensor, truth: Tensor) -> float:
+    """Mean energy score of ``samples`` (B, S, K) for ``truth`` (B, K); lower is better.
+
+    ``E|X - y| - 0.5 E|X - X'|``: strictly proper, so it is minimised by the true conditional
+    distribution; a sampler that collapses to a point or sprays too widely loses.
+    """
+    b, s, _ = samples.shape
+    fit = (samples - truth[:, None]).norm(dim=-1).mean(dim=1)
+    pair = torch.cdist(samples, samples).sum(dim=(1, 2)) / max(s * (s - 1), 1)
+    return float((fit - 0.5 * pair).mean())
+
+
+@torch.no_grad()
+def calibrate_sampling(model: Hypernet, val_latents: Tensor, val_conds: Tensor, samples: int = 4,
+                       grid=CALIBRATION_GRID, seed: int = 0, max_rows: int = 400, spread: bool = False) -> dict:
+    """Choose the sampler settings (and optionally the spread) on validation people; updates ``model``.
+
+    For every ``(num_steps, eta, guidance)`` of ``grid``: sample ``samples`` latents per
+    validation face and score them by the energy score (standardized latent units); the best
+    setting is kept. ``spread=True`` also rescales the sampled residuals per dimension to the
+    variance of the validation residuals (clamped to [0.5, 2]). Off by default: validation
+    residuals also hold the error of the estimated mean, so matching them over-spreads samples
+    (measured on the planted worlds: pairwise cosine 0.51 against the oracle's 0.62).
+    """
+    z = torch.as_tensor(val_latents, dtype=torch.float32)[:max_rows]
+    c = torch.as_tensor(val_conds, dtype=torch.float32)[:max_rows]
+    zn, cn = model.normalize_latent(z), model.normalize_cond(c)
+    mean = model.conditional_mean(cn)
+    target = ((zn - mean) / model.resid_std).pow(2).mean(0)
+    model.spread_scale.fill_(1.0)
+    scores, scales = {}, {}
+    for steps, eta, g in grid:
+        x = model.sample(c, num_steps=steps, eta=eta, guidance=g, seed=seed, n_samples=samples)
+        x0 = ((model.normalize_latent(x).view(len(c), samples, -1) - mean[:, None]) / model.resid_std)
+        scale = (target / x0.pow(2).mean(dim=(0, 1)).clamp_min(1e-8)).sqrt().clamp(0.5, 2.0)
+        if not spread:
+            scale = torch.ones_like(scale)
+        xs = mean[:, None] + model.resid_std * scale * x0
+        scores[(steps, eta, g)] = energy_score(xs, zn)
+        scales[(steps, eta, g)] = scale
+    key, best = min(scores.items(), key=lambda kv: kv[1])
+    steps, eta, g = key
+    model.spread_scale.copy_(scales[key])
+    model.sampling_defaults.update(num_steps=steps, eta=eta, guidance=g, scheduler="ddim")
+    return {"chosen": {"num_steps": steps, "eta": eta, "guidance": g}, "energy_score": best,
+            "spread_scale_mean": float(scales[key].mean()),
+            "grid": {f"steps={s},eta={e:g},guidance={gg:g}": v for (s, e, gg), v in scores.items()},
+            "on": f"{len(c)} validation rows"}

@@ -87,6 +87,21 @@ def _rows(data, idx) -> tuple[np.ndarray, Layout | None]:
     return (arr if idx is None else arr[np.asarray(idx)]), None
 
 
+def row_stats(pack, idx, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and floored std (float32) of pack rows ``idx`` only, streamed.
+
+    Latent models standardise with the statistics of their *training* rows, so held-out people
+    never shape a model (the pack's own ``mean``/``scale`` cover every row).
+    """
+    from ..pack import RunningStats, std_floor
+
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    stats = RunningStats(pack.dim)
+    for start in range(0, len(idx), batch):
+        stats.update(pack.read_rows(idx[start : start + batch]))
+    return stats.mean.astype(np.float32), std_floor(stats.std)
+
+
 @torch.no_grad()
 def reconstruct(model: LatentModel, raw) -> torch.Tensor:
     """Raw vectors -> encode -> decode -> raw vectors (float32)."""
@@ -144,4 +159,4 @@ def reconstruction_cosine(
     return values if per_item else float(values.mean())
 
 
-__all__ = ["LatentModel", "load_latent", "reconstruct", "reconstruction_cosine"]
+__all__ = ["LatentModel", "load_latent", "reconstruct", "reconstruction_cosine", "row_stats"]

@@ -154,7 +154,14 @@ class _Source:
     def __init__(self, data, idx, mean: np.ndarray | None = None, scale: np.ndarray | None = None):
         if isinstance(data, Pack):
             self.pack, self.array = data, None
-            self.mean, self.scale = data.mean, data.scale
+            if mean is not None and scale is not None:
+                self.mean, self.scale = np.asarray(mean, np.float32), np.asarray(scale, np.float32)
+            elif idx is None or len(np.unique(np.asarray(idx))) == data.n:
+                self.mean, self.scale = data.mean, data.scale
+            else:  # statistics of the fitting rows only: held-out rows never shape the model
+                from . import row_stats
+
+                self.mean, self.scale = row_stats(data, idx)
             self.layout_signature = data.layout.signature
             n = data.n
         else:
@@ -279,11 +286,10 @@ def _randomized(src: _Source, k: int, n_iter: int, oversample: int, seed: int, b
 
 
 def _fix_signs(v: torch.Tensor) -> torch.Tensor:
-    """Deterministic component signs: the largest-magnitude entry of every column is positive."""
-    idx = v.abs().argmax(dim=0)
-    signs = torch.sign(v[idx, torch.arange(v.shape[1])])
-    signs[signs == 0] = 1
-    return v * signs
+    """Deterministic component signs: the project's one sign rule (:func:`lorasynth.lora._fix_signs`)."""
+    from ..lora import _fix_signs as fix
+
+    return fix(v, v.new_zeros(v.shape[-1], 0))[0]
 
 
 __all__ = ["PCA", "fit_pca"]

@@ -335,12 +335,14 @@ def train_vae(
     from torch.utils.data import DataLoader
 
     from ..pack import PackDataset
+    from . import row_stats
 
     vae_cfg = vae_cfg or VAEConfig()
     train_cfg = train_cfg or TrainConfig()
     if model is None:
         lightning.seed_everything(train_cfg.seed, verbose=False)
-        model = LoRAVAE(vae_cfg, pack.dim, mean=pack.mean, scale=pack.scale,
+        mean, scale = (pack.mean, pack.scale) if train_idx is None else row_stats(pack, train_idx)
+        model = LoRAVAE(vae_cfg, pack.dim, mean=mean, scale=scale,
                         layout_signature=pack.layout.signature, lr=train_cfg.lr)
     train_ds = PackDataset(pack, train_idx)
     loader_kw = dict(batch_size=train_cfg.batch_size, num_workers=train_cfg.num_workers,

@@ -30,7 +30,7 @@ import torch
 from ..errors import LibraryError
 from ..formats.keys import kohya_name
 from ..layout import Layout
-from ..lora import LoRA
+from ..lora import LoRA, canonical_factors
 from .importers import _progress
 from .store import Library
 
@@ -44,21 +44,7 @@ def _canonical_module_batch(downs: torch.Tensor, ups: torch.Tensor, scales: torc
     n, out, r = ups.shape[0], ups.shape[1], downs.shape[1]
     b = ups.reshape(n, out, r).to(torch.float64) * scales[:, None, None]
     a = downs.reshape(n, r, -1).to(torch.float64)
-    qb, rb = torch.linalg.qr(b)
-    qa, ra = torch.linalg.qr(a.transpose(1, 2))
-    uc, s, vhc = torch.linalg.svd(rb @ ra.transpose(1, 2), full_matrices=False)
-    u, vh = qb @ uc, vhc @ qa.transpose(1, 2)
-    if u.shape[2] > 0:  # sign rule: the largest-magnitude entry of every column of U is positive
-        idx = u.abs().argmax(dim=1, keepdim=True)
-        signs = torch.sign(torch.gather(u, 1, idx)).squeeze(1)
-        signs[signs == 0] = 1
-        u, vh = u * signs[:, None, :], vh * signs[:, :, None]
-    k = min(rank, s.shape[1])
-    root = s[:, :k].clamp_min(0).sqrt()
-    bb, aa = u[:, :, :k] * root[:, None, :], root[:, :, None] * vh[:, :k]
-    if k < rank:
-        bb = torch.cat([bb, bb.new_zeros(n, out, rank - k)], dim=2)
-        aa = torch.cat([aa, aa.new_zeros(n, rank - k, aa.shape[2])], dim=1)
+    bb, aa = canonical_factors(b, a, rank)  # the one canonical form (lorasynth.lora)
     return aa.reshape(downs.shape), bb.reshape(ups.shape)
 
 
