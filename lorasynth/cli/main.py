@@ -16,7 +16,7 @@ from .. import __version__
 from ..errors import LorasynthError
 
 # command modules, in help order
-COMMAND_MODULES = ["lora_files", "generate", "faces", "library", "library_train", "models", "demo"]
+COMMAND_MODULES = ["lora_files", "generate", "faces", "library", "library_train", "models", "demo", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:
