@@ -58,7 +58,10 @@ def cmd_serve(args) -> int:
         shown = f"[{args.host}]" if ":" in args.host else args.host
         print(f"lorasynth serve: open http://{shown}:{port}/  (API docs: /docs; Ctrl-C stops)", flush=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-        server.run(sockets=[sock])
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the Ctrl-C
+            pass
     finally:
         sock.close()
     print("lorasynth serve: stopped", flush=True)

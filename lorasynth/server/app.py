@@ -135,7 +135,7 @@ def create_app(cfg: ServerConfig, backend: Backend | None = None) -> FastAPIOffl
         data = await image.read(cfg.max_upload_bytes + 1)
         if len(data) > cfg.max_upload_bytes:
             raise ApiError(413, f"upload larger than {cfg.max_upload_bytes} bytes")
-        return backend.decode_image(data)
+        return backend.decode_image(data, cfg.max_pixels)
 
     def stored(item_id: str):
         item = results.get(item_id)

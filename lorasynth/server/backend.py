@@ -122,7 +122,7 @@ class Backend:
         }
 
     # ---------------------------------------------------------------- images and faces
-    def decode_image(self, data: bytes) -> np.ndarray:
+    def decode_image(self, data: bytes, max_pixels: int | None = None) -> np.ndarray:
         """Upload bytes -> upright H x W x 3 uint8 RGB, with the pixel limit checked before decoding."""
         from PIL import Image, ImageOps
 
@@ -134,7 +134,7 @@ class Backend:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(io.BytesIO(data)) as im:
-                    _check_size(Path("the upload"), im.size, self.cfg.max_pixels)
+                    _check_size(Path("the upload"), im.size, max_pixels or self.cfg.max_pixels)
                     im.seek(0)
                     im.load()
                     im = ImageOps.exif_transpose(im) or im

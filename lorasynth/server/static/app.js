@@ -149,7 +149,7 @@ function addResult(item) {
     el("b", {}, item.label), el("div", { class: "row" }, fmt, link,
       el("button", { class: "use-preview", onclick: () => synthPreview.setLoRA(item) }, "Preview"),
       el("button", { class: "add-blend", onclick: () => addBlendItem("result", item.id, item.label) }, "Add to blend")),
-    el("details", {}, el("summary", {}, "provenance"), prov));
+    el("details", { open: "" }, el("summary", {}, "provenance"), prov));
   $("#results").prepend(card);
   if (item.kind === "synthesized" && state.blend.length === 0) addBlendItem("result", item.id, item.label);
 }
