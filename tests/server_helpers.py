@@ -44,6 +44,31 @@ def build_server_world(root: str | Path, identities: int = 200, seed: int = 0) -
     return {"base": base, "library": root / "library", "model": root / "model"}
 
 
+def shared_server_world(tmp_path_factory) -> dict[str, Path]:
+    """:func:`build_server_world` built once per test run, shared by modules and xdist workers.
+
+    xdist workers have their own ``basetemp`` under one common folder: the world goes there,
+    built by whichever worker gets the lock first.
+    """
+    import fcntl
+    import os
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "server_world"
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {"base": root / "base", "library": root / "library", "model": root / "model"}
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / ".done").exists():
+            import shutil
+
+            for part in paths.values():  # leftovers of a failed build
+                shutil.rmtree(part, ignore_errors=True)
+            build_server_world(root)
+            (root / ".done").write_text("ok")
+    return paths
+
+
 def astronaut_png_bytes() -> bytes:
     """scikit-image's astronaut photo (one face) as PNG bytes."""
     import io

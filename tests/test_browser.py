@@ -7,7 +7,7 @@ Playwright's own browser download cannot work offline.
 
 from __future__ import annotations
 
-import re
+import os
 import shutil
 import threading
 import time
@@ -19,7 +19,7 @@ from PIL import Image
 from helpers import max_delta_diff
 from lorasynth.formats import load_lora
 from lorasynth.server import ServerConfig, create_app
-from server_helpers import astronaut_png_bytes, build_server_world
+from server_helpers import astronaut_png_bytes, shared_server_world
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -32,7 +32,7 @@ def server(tmp_path_factory):
 
     from lorasynth.cli.serve import bind_socket
 
-    world = build_server_world(tmp_path_factory.mktemp("browser_world"))
+    world = shared_server_world(tmp_path_factory)
     app = create_app(ServerConfig(model=str(world["model"]), base=str(world["base"]), library=str(world["library"])))
     sock = bind_socket("127.0.0.1", 0)
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -106,7 +106,7 @@ def test_photo_to_lora_download_blend_and_preview(page, server, astro_png, tmp_p
     preview = "#preview-panel "
     assert page.input_value(preview + ".prompt") == "a photo of sks person"
     page.fill(preview + ".steps", "100")
-    page.select_option(preview + ".size", "512")
+    page.select_option(preview + ".size", "256")
     page.click(preview + ".generate")
     page.wait_for_function(f"/^step [1-9]\\d*\\/100$/.test(document.querySelector('{preview}.gen-status').textContent)")
     assert int(page.get_attribute(preview + ".gen-progress", "max")) == 100
@@ -153,6 +153,8 @@ def test_photo_to_lora_download_blend_and_preview(page, server, astro_png, tmp_p
     blended = page.evaluate("state.results[state.results.length - 1]")
     assert blended["report"]["rank"] == 1
     assert '"weights": [1.0, -0.5]' in blended["provenance"]["lorasynth.blend"]
+    page.fill("#blend-preview-panel .steps", "2")
+    page.select_option("#blend-preview-panel .size", "64")
     page.click("#blend-preview-panel .generate")
     page.wait_for_selector("#blend-preview-panel .preview-img:not([hidden])")
 
@@ -160,4 +162,6 @@ def test_photo_to_lora_download_blend_and_preview(page, server, astro_png, tmp_p
     shot = tmp_path / "webapp.png"
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000
+    if os.environ.get("LORASYNTH_WEBAPP_SCREENSHOT"):  # how README's docs/webapp.png is made
+        Image.open(shot).convert("RGB").quantize(128).save(os.environ["LORASYNTH_WEBAPP_SCREENSHOT"], optimize=True)
     assert not page.locator("#banner:not([hidden])").count(), page.inner_text("#banner")

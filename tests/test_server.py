@@ -28,14 +28,14 @@ from lorasynth.formats import load_lora
 from lorasynth.server import ServerConfig, create_app
 from lorasynth.server.backend import Backend
 from lorasynth.synthesis import SynthesisSettings, Synthesizer
-from server_helpers import astronaut_png_bytes, build_server_world
+from server_helpers import astronaut_png_bytes, shared_server_world
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return build_server_world(tmp_path_factory.mktemp("server_world"))
+    return shared_server_world(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -391,7 +391,7 @@ def test_ctrl_c_stops_the_server_cleanly(world):
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "lorasynth.cli.main", "serve", "--model", str(world["model"]),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             "--port", str(port), "--lazy"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = ""
         while "open http://" not in line:

@@ -341,6 +341,11 @@ class _BodyLimit:
             except ValueError:
                 return await _send_json(send, 400, "invalid Content-Length")
             if too_big:
+                # Read (and drop) a moderately oversized body first: a server that answers and closes
+                # with unread data makes the client's TCP stack reset, and the 413 itself gets lost.
+                if int(length) <= 4 * self.limit:
+                    while (await receive()).get("more_body", False):
+                        pass
                 return await _send_json(send, 413, f"request body larger than {self.limit} bytes")
             return await self.app(scope, receive, send)
         seen = 0

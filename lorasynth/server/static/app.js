@@ -308,7 +308,7 @@ $("#nearest-photo").addEventListener("change", async (e) => {
   } catch (err) { banner("cannot reach the server: " + err.message); return; }
   const info = state.info;
   for (const s of info.strategies) $("#strategy").append(el("option", { value: s }, s));
-  $("#server-info").textContent = `model ${info.model} · ${info.embedder} · ` +
+  $("#server-info").textContent = `model folder “${info.model}” · ${info.embedder} embeddings · ` +
     (info.has_base ? "previews on" : "no base model") + (info.base_is_random_weights ? " (random-weight demo model)" : "");
   synthPreview.init(info); blendPreview.init(info);
   document.body.dataset.ready = "1";
