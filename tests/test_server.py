@@ -370,6 +370,13 @@ def test_upload_limits_in_bytes_and_pixels(cfg, backend, astro):
     assert many.status_code == 413 and "exceeds the limit" in many.json()["error"]
 
 
+def test_a_loopback_server_answers_only_loopback_host_names(client):
+    assert client.get("/api/info", headers={"host": "localhost:7860"}).status_code == 200
+    assert client.get("/api/info", headers={"host": "[::1]:7860"}).status_code == 200
+    evil = client.get("/api/info", headers={"host": "evil.example:7860"})
+    assert evil.status_code == 400 and "127.0.0.1" in evil.json()["error"]
+
+
 # ---------------------------------------------------------------------------- the command
 def test_serve_binds_localhost_by_default_and_a_busy_port_is_one_clear_line(world, capsys):
     from lorasynth.cli.main import build_parser, main

@@ -94,6 +94,8 @@ def create_app(cfg: ServerConfig, backend: Backend | None = None) -> FastAPIOffl
     )
     app.state.backend, app.state.results, app.state.jobs = backend, results, jobs
     app.add_middleware(_BodyLimit, limit=cfg.max_upload_bytes)
+    if cfg.host in LOOPBACK:
+        app.add_middleware(_LoopbackHostOnly)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
     # ------------------------------------------------------------ errors -> {"error": ...}
@@ -322,6 +324,27 @@ def _job(jobs: JobQueue, job_id: str):
 
 def _lora_json(item, formats: list[str]) -> dict:
     return {**item.summary(), "files": {f: f"/api/loras/{item.id}?format={f}" for f in formats}}
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class _LoopbackHostOnly:
+    """On a loopback bind, answer only requests addressed to a loopback name (blocks DNS rebinding:
+    a web page whose domain resolves to 127.0.0.1 cannot read this server's answers)."""
+
+    ALLOWED = {b"127.0.0.1", b"localhost", b"[::1]", b"testserver"}  # testserver: FastAPI's test client
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = dict(scope.get("headers") or []).get(b"host", b"")
+            name = host.rsplit(b":", 1)[0] if not host.endswith(b"]") else host
+            if name.lower() not in self.ALLOWED:
+                return await _send_json(send, 400, "this server only answers requests addressed to 127.0.0.1 or localhost")
+        return await self.app(scope, receive, send)
 
 
 class _BodyLimit:
