@@ -147,6 +147,19 @@ def test_synthesize_from_photo_matches_the_library_and_downloads_in_every_format
     assert kohya.metadata["lorasynth.model_hash"] == item["provenance"]["lorasynth.model_hash"]
 
 
+def test_synthesize_can_answer_with_the_file_itself(client, astro, tmp_path):
+    r = client.post("/api/synthesize?download=diffusers", files=upload(astro), data={"seed": "3"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    path = tmp_path / "direct.safetensors"
+    path.write_bytes(r.content)
+    lora = load_lora(path)
+    assert lora.metadata["lorasynth.source_format"] == "diffusers" and lora.metadata["lorasynth.seed"] == "3"
+    stored = load_lora(_save(client, f"/api/loras/{r.headers['x-lorasynth-id']}?format=diffusers", tmp_path / "s.safetensors"))
+    assert max_delta_diff(lora, stored) == 0
+    bad = client.post("/api/synthesize?download=ckpt", files=upload(astro))
+    assert bad.status_code == 400 and "unknown format" in bad.json()["error"]
+
+
 def _save(client, url, path):
     path.write_bytes(client.get(url).content)
     return path

@@ -181,6 +181,8 @@ def create_app(cfg: ServerConfig, backend: Backend | None = None) -> FastAPIOffl
         steps: Annotated[int | None, Form(ge=1, le=1000)] = None,
         seed: Annotated[int, Form(ge=0, le=2**63 - 1)] = 0,
         samples: Annotated[int, Form(ge=1)] = 1,
+        download: Annotated[str | None, Query(max_length=20, description="a format: answer with the LoRA file itself "
+                                              "(provenance in its metadata) instead of JSON")] = None,
     ):
         if samples > cfg.max_samples:
             raise ApiError(422, f"samples must be <= {cfg.max_samples}")
@@ -208,6 +210,11 @@ def create_app(cfg: ServerConfig, backend: Backend | None = None) -> FastAPIOffl
             label = f"{strategy} seed {seed}" + (f" #{i}" if len(out) > 1 else "")
             item = results.add("synthesized", label, r.lora, r.provenance, backend.vector_of(r.lora, r.vector))
             items.append(_lora_json(item, backend.save_formats))
+        if download is not None:
+            first = results.get(items[0]["id"])
+            data, filename, media = backend.lora_file(first.lora, download, f"lorasynth_{first.kind}_{first.id}")
+            return Response(data, media_type=media, headers={"Content-Disposition": f'attachment; filename="{filename}"',
+                                                             "X-Lorasynth-Id": first.id})
         return {"face": face, "loras": items}
 
     @app.get("/api/loras", tags=["synthesis"], summary="LoRAs made by this server (newest last)")
