@@ -268,6 +268,9 @@ def test_library_list_search_map_and_nearest(client, astro):
     m = client.get(f"/api/library/map?mark={item['id']}").json()
     assert len(m["x"]) == len(m["y"]) == len(m["ids"]) == 180  # training rows (10% held out)
     assert m["marked"]["id"] == item["id"] and all(np.isfinite(m["marked"]["xy"]))
+    rank8 = client.post("/api/synthesize", files=upload(astro), data={"strategy": "blend"}).json()["loras"][0]
+    off_map = client.get(f"/api/library/map?mark={rank8['id']}").json()
+    assert off_map["marked"] is None and "does not fit" in off_map["note"]
     near = client.post("/api/library/nearest", files=upload(astro), data={"k": "3"}).json()
     scores = [n["cosine"] for n in near["neighbours"]]
     assert len(scores) == 3 and scores == sorted(scores, reverse=True)

@@ -302,14 +302,15 @@ def create_app(cfg: ServerConfig, backend: Backend | None = None) -> FastAPIOffl
              summary="Latent map: 2-D PCA of the library's LoRA latents; `mark` projects a LoRA of this server")
     def latent_map(mark: Annotated[str | None, Query(pattern=r"^[0-9a-f]{16}$")] = None):
         m = backend.latent_map()
-        marked = None
+        marked, note = None, None
         if mark is not None:
             item = stored(mark)
             if item.vector is None:
-                raise ApiError(422, "this LoRA does not fit the model's layout (e.g. a blend of higher rank)")
-            marked = {"id": item.id, "label": item.label, "xy": backend.project(item.vector)}
+                note = f"{item.label} is not on the map: it does not fit the model's layout (a blend of higher rank)"
+            else:
+                marked = {"id": item.id, "label": item.label, "xy": backend.project(item.vector)}
         pts = np.round(m["points"], 4)
-        return {"ids": m["ids"], "x": pts[:, 0].tolist(), "y": pts[:, 1].tolist(), "marked": marked}
+        return {"ids": m["ids"], "x": pts[:, 0].tolist(), "y": pts[:, 1].tolist(), "marked": marked, "note": note}
 
     @app.post("/api/library/nearest", tags=["library"], summary="Nearest library identities to a face photo")
     async def nearest(image: Annotated[UploadFile, File()], face_index: Annotated[int, Form(ge=0, le=1000)] = 0,

@@ -288,7 +288,7 @@ async function drawMap() {
     g.fillStyle = "#d62828"; g.beginPath(); g.arc(px(m.marked.xy[0]), py(m.marked.xy[1]), 7, 0, 2 * Math.PI); g.fill();
   }
   $("#map-status").textContent = `${m.x.length} library LoRAs (2-D PCA of their latents)` +
-    (m.marked ? `; red: ${m.marked.label}` : "; synthesize a face to mark it");
+    (m.marked ? `; red: ${m.marked.label}` : m.note ? `; ${m.note}` : "; synthesize a face to mark it");
 }
 
 $("#nearest-photo").addEventListener("change", async (e) => {
