@@ -408,6 +408,19 @@ def test_serve_binds_localhost_by_default_and_a_busy_port_is_one_clear_line(worl
     assert err.count("\n") == 0 and f"port {port}" in err and "already in use" in err
 
 
+def test_serve_never_downloads_a_hub_base_model(world, monkeypatch, capsys):
+    import huggingface_hub
+
+    from lorasynth.cli.main import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    assert main(["serve", "--model", str(world["model"]), "--base", "nobody-here/no-model", "--port", "0"]) == 2
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lorasynth: error: cannot load base model 'nobody-here/no-model'") and "\n" not in err
+
+
 def test_ctrl_c_stops_the_server_cleanly(world):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

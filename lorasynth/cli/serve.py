@@ -44,6 +44,16 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def offline() -> None:
+    """The server never downloads: hub ids resolve from the local cache only."""
+    import os
+    import sys
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if "huggingface_hub" in sys.modules:  # read at import time: patch the live value too
+        sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -53,6 +63,7 @@ def cmd_serve(args) -> int:
                        model_root=args.model_root, max_upload_bytes=int(args.max_upload_mb * 1e6), queue_size=args.queue,
                        warm_up=not args.lazy)
     sock = bind_socket(args.host, args.port)  # before loading models: a busy port fails fast
+    offline()
     try:
         print(f"lorasynth serve: loading {args.model}" + (f" + base {args.base}" if args.base else "") + " ...", flush=True)
         app = create_app(cfg)
