@@ -15,6 +15,7 @@ Measures, against a server started as a separate process (``lorasynth serve``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -32,7 +33,7 @@ import numpy as np
 def demo_paths(quick: bool) -> dict[str, str]:
     from lorasynth.demo import SMOKE, run_demo
 
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(sys.stderr):  # stdout: JSON only
         s = run_demo(out, SMOKE if quick else None)
     return {"model": s["model"], "base": s["base_model"], "library": s["library"]}
 
