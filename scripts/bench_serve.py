@@ -123,7 +123,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rss-requests", type=int, default=500)
     ap.add_argument("--server-threads", type=int, default=None,
-                    help="OMP_NUM_THREADS for the server (1 is faster for synthesis when the cores are busy)")
+                    help="the server's --threads (1 is faster for synthesis when the cores are busy)")
     args = ap.parse_args()
 
     import httpx
@@ -137,7 +137,7 @@ def main() -> int:
             cmd += [f"--{k}", str(paths[k])]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     if args.server_threads:
-        env["OMP_NUM_THREADS"] = str(args.server_threads)
+        cmd += ["--threads", str(args.server_threads)]
     t0 = time.perf_counter()
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     base_url = f"http://127.0.0.1:{port}"

@@ -18,6 +18,9 @@ def register(sub) -> None:
     p.add_argument("--model-root", default=None, help="folder of face-model files (ArcFace); never downloaded")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (MB)")
     p.add_argument("--queue", type=int, default=4, help="generation jobs allowed to wait (more: HTTP 429)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per operation (default: torch's choice); 1 serves concurrent synthesis "
+                        "requests faster when the cores are busy")
     p.add_argument("--lazy", action="store_true", help="load the models on first use instead of at start (faster start)")
     p.set_defaults(func=cmd_serve)
 
@@ -62,8 +65,14 @@ def cmd_serve(args) -> int:
     cfg = ServerConfig(model=args.model, base=args.base, library=args.library, host=args.host, port=args.port,
                        model_root=args.model_root, max_upload_bytes=int(args.max_upload_mb * 1e6), queue_size=args.queue,
                        warm_up=not args.lazy)
+    if args.threads is not None and args.threads < 1:
+        raise LorasynthError(f"--threads must be >= 1, got {args.threads}")
     sock = bind_socket(args.host, args.port)  # before loading models: a busy port fails fast
     offline()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         print(f"lorasynth serve: loading {args.model}" + (f" + base {args.base}" if args.base else "") + " ...", flush=True)
         app = create_app(cfg)
