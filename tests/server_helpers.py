@@ -79,3 +79,13 @@ def astronaut_png_bytes() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(data.astronaut()).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def load_tiny_lora(path):
+    """Read a LoRA made for the tiny UNet's layout (its shapes are not SD1.5's, so the reader
+    needs that layout's module tree)."""
+    from lorasynth.formats import load_lora
+    from lorasynth.formats.keys import ModuleTree
+    from lorasynth.synthetic import tiny_layout
+
+    return load_lora(path, tree=ModuleTree.from_specs(tiny_layout().modules))

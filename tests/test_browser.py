@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from helpers import max_delta_diff
-from lorasynth.formats import load_lora
+
 from lorasynth.server import ServerConfig, create_app
-from server_helpers import astronaut_png_bytes, shared_server_world
+from server_helpers import astronaut_png_bytes, load_tiny_lora, shared_server_world
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -93,14 +93,14 @@ def test_photo_to_lora_download_blend_and_preview(page, server, astro_png, tmp_p
         page.click(".card.result a.download-link")
     downloaded = tmp_path / "from_browser.safetensors"
     dl.value.save_as(downloaded)
-    lora = load_lora(downloaded)
+    lora = load_tiny_lora(downloaded)
     assert lora.metadata["lorasynth.strategy"] == "diffusion" and lora.metadata["lorasynth.seed"] == "3"
     assert downloaded.read_bytes() == httpx.get(f"{server}/api/loras/{lora_id}?format=kohya").content
     fresh = httpx.post(f"{server}/api/synthesize", files={"image": ("astronaut.png", astro_png.read_bytes())},
                        data={"strategy": "diffusion", "seed": "3"}, timeout=60).json()["loras"][0]
     api_file = tmp_path / "from_api.safetensors"
     api_file.write_bytes(httpx.get(server + fresh["files"]["kohya"]).content)
-    assert max_delta_diff(lora, load_lora(api_file)) == 0
+    assert max_delta_diff(lora, load_tiny_lora(api_file)) == 0
 
     # ---- preview: the prompt starts as the trigger phrase; live step progress; cancel
     preview = "#preview-panel "

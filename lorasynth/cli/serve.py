@@ -6,15 +6,21 @@ import errno
 import socket
 
 from ..errors import LorasynthError
+from .helpfmt import examples
 
 
 def register(sub) -> None:
-    p = sub.add_parser("serve", help="local web app + HTTP API: photo -> LoRA, blend, preview, library")
+    p = sub.add_parser("serve", help="local web app + HTTP API: photo -> LoRA, blend, preview, library",
+                       description="Serve the local web app and its HTTP API (OpenAPI docs at /docs, offline): "
+                                   "photo -> LoRA download, blends, previews with --base, the library with "
+                                   "--library. Models stay loaded between requests; nothing is downloaded.",
+                       epilog=examples("lorasynth serve --model ~/.cache/lorasynth/demo/MODEL --base BASE --library LIB",
+                                       "lorasynth serve --model M --base /models/sd15 --library lib --port 7861"))
     p.add_argument("--model", required=True, help="lorasynth model folder (from `lorasynth train`)")
     p.add_argument("--base", default=None, help="SD1.5 base model folder: enables previews")
     p.add_argument("--library", default=None, help="LoRA library folder: enables listing and library blends")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
     p.add_argument("--model-root", default=None, help="folder of face-model files (ArcFace); never downloaded")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (MB)")
     p.add_argument("--queue", type=int, default=4, help="generation jobs allowed to wait (more: HTTP 429)")

@@ -194,14 +194,15 @@ class Backend:
         if fmt not in self.save_formats:
             raise LorasynthError(f"unknown format {fmt!r}; choose one of {', '.join(self.save_formats)}")
         with tempfile.TemporaryDirectory(prefix="lorasynth-serve-") as tmp:
-            written = Path(save_lora(lora, Path(tmp) / f"{stem}.safetensors", fmt))
-            files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
-            if written.is_file() and len(files) == 1:
+            # peft is a folder (adapter_config.json + adapter_model.safetensors, what PeftModel loads): zipped
+            target = Path(tmp) / (stem if fmt == "peft" else f"{stem}.safetensors")
+            written = Path(save_lora(lora, target, fmt))
+            if written.is_file():
                 return written.read_bytes(), f"{stem}_{fmt}.safetensors", "application/octet-stream"
             buf = io.BytesIO()
             with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-                for p in files:
-                    z.write(p, p.relative_to(tmp).as_posix())
+                for p in sorted(p for p in written.rglob("*") if p.is_file()):
+                    z.write(p, p.relative_to(written).as_posix())
             return buf.getvalue(), f"{stem}_{fmt}.zip", "application/zip"
 
     def vector_of(self, lora, vector: np.ndarray | None = None) -> np.ndarray | None:
