@@ -455,7 +455,14 @@ def check_output_path(path: str | os.PathLike) -> Path:
             raise OutputError(f"{path}: is an existing directory; give a file path")
         if not stat.S_ISREG(st.st_mode):
             raise OutputError(f"{path}: exists and is not a regular file (a FIFO or device?); refusing to write over it")
-    for folder in path.parents:
+    _check_nearest_folder(path, path.parents, "cannot write here")
+    return path
+
+
+def _check_nearest_folder(path: Path, candidates, what: str) -> None:
+    """The nearest existing one of ``candidates`` (a path and/or its parents, nearest first) must be a
+    folder: else one OutputError line naming the file in the way."""
+    for folder in candidates:
         try:
             st = os.stat(folder)
         except (FileNotFoundError, NotADirectoryError):
@@ -463,24 +470,14 @@ def check_output_path(path: str | os.PathLike) -> Path:
         except OSError as e:
             raise _output_error(path, e) from None
         if not stat.S_ISDIR(st.st_mode):
-            raise OutputError(f"{path}: cannot write here: {folder} is a file, not a folder")
-        break
-    return path
+            raise OutputError(f"{path}: {what}: {folder} is a file, not a folder")
+        return
 
 
 def ensure_folder(path: str | os.PathLike) -> Path:
     """Create folder ``path`` (and its parents) for output; an impossible one is one OutputError line."""
     path = Path(path)
-    for folder in (path, *path.parents):
-        try:
-            st = os.stat(folder)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except OSError as e:
-            raise _output_error(path, e) from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise OutputError(f"{path}: cannot create this folder: {folder} is a file, not a folder")
-        break
+    _check_nearest_folder(path, (path, *path.parents), "cannot create this folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

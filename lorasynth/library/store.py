@@ -53,7 +53,7 @@ from ..errors import FormatError, LayoutError, LibraryError, LorasynthError
 from ..formats import save_lora
 from ..formats.common import most_common
 from ..formats.keys import kohya_name
-from ..formats.safe_io import SAFETENSORS_DTYPES, current_umask, parse_json
+from ..formats.safe_io import SAFETENSORS_DTYPES, _fsync_dir, current_umask, parse_json
 from ..layout import Layout
 from ..lora import LoRA, LoRAModule
 
@@ -402,19 +402,6 @@ class _Connection(sqlite3.Connection):
 
     def executemany(self, *args):
         return self.cursor(_Cursor).executemany(*args)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- the library
