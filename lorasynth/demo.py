@@ -294,6 +294,7 @@ def run_demo(out: str | Path = "demo_out", cfg: DemoConfig | None = None, cache:
     write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     write_text(out / "report.md", render_report(summary, out, grid, eval_png, map_png))
     print(f"\nwrote {out / 'report.md'} (total {summary['total_s']}s)")
+    print(f"web app: lorasynth serve --model {model.path} --base {base_dir} --library {lib.root}")
     return summary
 
 

@@ -200,8 +200,10 @@ class GenerationSettings:
             raise LorasynthError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
 
 
-def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, progress: bool = True):
+def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, progress: bool = True, on_step=None):
     """Generate one image; identical settings (and model) give identical pixels.
+
+    ``on_step(step, total)`` is called after each denoising step (progress; raise to cancel).
 
     Sets ``pipe.scheduler`` to ``settings.scheduler`` (it stays set afterwards). The initial
     noise comes from a CPU ``torch.Generator`` seeded with ``settings.seed``.
@@ -228,8 +230,17 @@ def generate(pipe: StableDiffusionPipeline, settings: GenerationSettings, progre
             height=settings.height,
             generator=generator,
             output_type="pil",
+            **({} if on_step is None else {"callback_on_step_end": _step_callback(on_step, settings.steps)}),
         )
     return result.images[0]
+
+
+def _step_callback(on_step, total: int):
+    def callback(pipe, step, timestep, kwargs):
+        on_step(step + 1, total)
+        return kwargs
+
+    return callback
 
 
 def _a1111_value(value: str) -> str:

@@ -30,7 +30,7 @@ from lorasynth.cli.main import main as cli
 ROOT = Path(__file__).resolve().parents[1]
 N_IDS = 480
 STEPS = 60
-VAE = ["--latent-dim", "16", "--lr", "3e-3", "--holdout", "0.1"]
+VAE = ["--kind", "vae", "--latent-dim", "16", "--lr", "3e-3", "--holdout", "0.1"]
 HYPER = ["--width", "64", "--depth", "1", "--lr", "2e-3"]
 
 
@@ -236,7 +236,7 @@ def test_precision_flags(pack, tmp_path, capsys):
     with pytest.raises(ModelError, match="not supported for training"):
         check_precision(TrainConfig(accelerator="cpu", precision="bf16-true"))
     out = tmp_path / "m"
-    args = ["train", "vae", "--pack", str(pack), "--out", str(out), "--latent-dim", "8", "--steps", "4",
+    args = ["train", "vae", "--pack", str(pack), "--out", str(out), "--kind", "vae", "--latent-dim", "8", "--steps", "4",
             "--batch-size", "16", "--accelerator", "cpu", "--devices", "1", "--no-progress"]
     assert cli([*args, "--precision", "16-mixed"]) == 2
     assert "16-mixed needs a GPU" in capsys.readouterr().err

@@ -17,7 +17,8 @@ from ..errors import LorasynthError
 from .helpfmt import apply_formatter, examples
 
 # command modules, in help order
-COMMAND_MODULES = ["lora_files", "generate", "faces", "library", "library_train", "library_merge", "models", "demo", "comfyui"]
+COMMAND_MODULES = ["lora_files", "generate", "faces", "library", "library_train", "library_merge", "models", "demo",
+                   "serve", "comfyui"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -63,14 +63,18 @@ class LatentModel(Protocol):
 
 
 def load_latent(path: str | Path) -> LatentModel:
-    """Load an exported PCA (``pca.json``) or VAE (``vae.json``) from a directory."""
-    from .pca import PCA
-    from .vae import LoRAVAE
+    """Load an exported PCA (``pca.json``) or VAE (``vae.json``) from a directory.
 
+    Only a VAE imports Lightning (its module is a LightningModule); PCA, the default, does not.
+    """
     path = Path(path)
     if (path / "vae.json").is_file():
+        from .vae import LoRAVAE
+
         return LoRAVAE.load(path)
     if (path / "pca.json").is_file():
+        from .pca import PCA
+
         return PCA.load(path)
     raise ModelError(f"no latent model in {path} (expected vae.json + vae.safetensors or pca.json + pca.safetensors)")
 
