@@ -293,8 +293,8 @@ CALIBRATION_GRID = ((50, 0.0, 1.0), (100, 0.0, 1.0), (200, 0.0, 1.0), (100, 1.0,
 
 
 @torch.no_grad()
-def energy_score(samples: Tensor, truth: Tensor) -> float:
-    """Mean energy score of ``samples`` (B, S, K) for ``truth`` (B, K); lower is better.
+def energy_scores(samples: Tensor, truth: Tensor) -> Tensor:
+    """Energy score of each row: ``samples`` (B, S, K) for ``truth`` (B, K) -> (B,); lower is better.
 
     ``E|X - y| - 0.5 E|X - X'|``: strictly proper, so it is minimised by the true conditional
     distribution; a sampler that collapses to a point or sprays too widely loses.
@@ -302,7 +302,12 @@ def energy_score(samples: Tensor, truth: Tensor) -> float:
     b, s, _ = samples.shape
     fit = (samples - truth[:, None]).norm(dim=-1).mean(dim=1)
     pair = torch.cdist(samples, samples).sum(dim=(1, 2)) / max(s * (s - 1), 1)
-    return float((fit - 0.5 * pair).mean())
+    return fit - 0.5 * pair
+
+
+def energy_score(samples: Tensor, truth: Tensor) -> float:
+    """Mean energy score of ``samples`` (B, S, K) for ``truth`` (B, K); lower is better."""
+    return float(energy_scores(samples, truth).mean())
 
 
 #: Temperatures (factors on the sampled residual) tried by :func:`calibrate_sampling`.
@@ -318,8 +323,10 @@ def calibrate_sampling(model: Hypernet, val_latents: Tensor, val_conds: Tensor, 
     For every ``(num_steps, eta, guidance)`` of ``grid`` and every temperature (a factor on the
     sampled residual, stored as ``spread_scale``): sample ``samples`` latents per validation face
     and score them by the energy score against the validation truth, in raw latent units (a
-    strictly proper scoring rule: it rewards the right spread, not the oracle's); the best pair
-    is kept. ``spread=True`` first rescales the sampled residuals per dimension to the variance
+    strictly proper scoring rule: it rewards the right spread, not the oracle's). The sampler
+    setting with the best score at temperature 1 is kept; a temperature other than 1 only when
+    it beats temperature 1 by more than twice the standard error of the paired difference over
+    the validation rows (else the choice would follow sampling noise). ``spread=True`` first rescales the sampled residuals per dimension to the variance
     of the validation residuals (clamped to [0.5, 2]); off by default: validation residuals also
     hold the error of the estimated mean, so matching them over-spreads samples.
     """
@@ -330,23 +337,30 @@ def calibrate_sampling(model: Hypernet, val_latents: Tensor, val_conds: Tensor, 
     target = ((zn - mean) / model.resid_std).pow(2).mean(0)
     model.spread_scale.fill_(1.0)
     std = model.latent_std
-    scores, scales = {}, {}
+    scores, scales, rows = {}, {}, {}
     for steps, eta, g in grid:
         x = model.sample(c, num_steps=steps, eta=eta, guidance=g, seed=seed, n_samples=samples)
         x0 = ((model.normalize_latent(x).view(len(c), samples, -1) - mean[:, None]) / model.resid_std)
         scale = (target / x0.pow(2).mean(dim=(0, 1)).clamp_min(1e-8)).sqrt().clamp(0.5, 2.0)
         if not spread:
             scale = torch.ones_like(scale)
-        for temp in temperatures:
+        for temp in sorted(set(temperatures) | {1.0}):
             xs = mean[:, None] + model.resid_std * (temp * scale) * x0
-            scores[(steps, eta, g, temp)] = energy_score(xs * std, zn * std)
+            rows[(steps, eta, g, temp)] = energy_scores(xs * std, zn * std)
+            scores[(steps, eta, g, temp)] = float(rows[(steps, eta, g, temp)].mean())
             scales[(steps, eta, g, temp)] = temp * scale
-    key, best = min(scores.items(), key=lambda kv: kv[1])
-    steps, eta, g, temp = key
+    steps, eta, g = min(grid, key=lambda s_: scores[(*s_, 1.0)])
+    one = (steps, eta, g, 1.0)
+    key = min((k for k in scores if k[:3] == one[:3]), key=scores.get)
+    diff = rows[one] - rows[key]
+    if key != one and float(diff.mean()) <= 2 * float(diff.std()) / max(len(diff), 1) ** 0.5:
+        key = one
+    best, temp = scores[key], key[3]
     model.spread_scale.copy_(scales[key])
     model.sampling_defaults.update(num_steps=steps, eta=eta, guidance=g, scheduler="ddim")
     return {"chosen": {"num_steps": steps, "eta": eta, "guidance": g, "temperature": temp}, "energy_score": best,
-            "energy_score_at_temperature_1": scores.get((steps, eta, g, 1.0)),
+            "energy_score_at_temperature_1": scores[one],
+            "best_temperature_by_mean": min((k for k in scores if k[:3] == one[:3]), key=scores.get)[3],
             "spread_scale_mean": float(scales[key].mean()),
             "grid": {f"steps={s},eta={e:g},guidance={gg:g},temperature={t:g}": v for (s, e, gg, t), v in scores.items()},
             "on": f"{len(c)} validation rows, energy score in raw latent units"}

@@ -21,7 +21,7 @@ from torch import Tensor
 #: Kernel widths, as multiples of 1 / (median squared distance between training conditions).
 GAMMA_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 #: Ridge strengths, relative to the mean diagonal of the landmark Gram matrix.
-RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0)
+RIDGE_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 @dataclass
