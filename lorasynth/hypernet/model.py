@@ -4,12 +4,14 @@ A LoRA latent (PCA coefficients or LoRA-VAE mean, standardized per dimension) is
 
     z = mean(face embedding) + resid_std * x0,     x0 ~ a conditional diffusion model
 
-* ``mean`` is a closed-form kernel ridge regression on the embedding
-  (:mod:`lorasynth.hypernet.regression`), fitted and tuned on validation people at training
-  time: averaging many samples lands on a well-estimated conditional mean by construction;
+* ``mean`` is a closed-form kernel ridge regression on the embedding, optionally mixed with a
+  neighbour (Nadaraya-Watson, cosine kernel) mean (:mod:`lorasynth.hypernet.regression`); widths,
+  ridge, k, temperature and mix are chosen on validation people at training time: averaging many
+  samples lands on a well-estimated conditional mean by construction;
 * the diffusion (:class:`Denoiser`, an MLP-ResNet conditioned by AdaLN, trained with
   condition dropout for classifier-free guidance) learns the *spread* of the residual around
-  that mean, from cross-fitted residuals that have the size residuals of new people have.
+  that mean, from residuals cross-fitted by person that have the size residuals of new people
+  have; a residual temperature (``spread_scale``) is calibrated on validation by energy score.
 
 :class:`Hypernet` holds the denoiser (EMA weights), the statistics and the mean, and samples
 with a DDIM sampler (``eta`` 0 = deterministic ODE, 1 = DDPM-like) written here in a few lines
