@@ -188,3 +188,55 @@ def test_edit_direction_moves_held_out_loras_along_a_planted_attribute(world_mod
     r = torch.randn(len(direction), generator=torch.Generator().manual_seed(1))
     moved = (syn.decode(z + std * r[None] / r.norm()).astype(np.float64) - x.mean(0)) @ u
     assert abs(float(np.mean(moved - before))) < 0.5 * abs(float(np.mean(after - before)))
+
+
+def test_identity_similarity_mechanics_on_the_tiny_pipeline(world_model, tiny_pipeline_dir, tmp_path, monkeypatch):
+    """`eval --base B --faces DIR`: embed each photo, synthesize per strategy, generate with the LoRA
+    fused, embed the image, score its cosine to the photo's embedding (a stand-in embedder here)."""
+    from PIL import Image
+
+    import lorasynth.faces as faces
+    from lorasynth.errors import FaceError
+    from lorasynth.evaluate import identity_similarity
+    from lorasynth.faces.base import Face, FaceSelection
+
+    _, root = world_model
+    dst = _copy_model(root, tmp_path)
+    model = SynthesisModel.open(dst)
+    model.info.embedder = "dlib"  # a photo embedder (the stand-in below answers for it)
+    model.save()
+    syn = Synthesizer(dst)
+    test = syn.model.info.heldout_ids[:2]
+    photo_emb = {f"p{i}.png": syn.pack.read_embeddings([r])[0] for i, r in enumerate(test)}
+    faces_dir = tmp_path / "faces"
+    faces_dir.mkdir()
+    for name in photo_emb:
+        Image.new("RGB", (32, 32), (120, 90, 60)).save(faces_dir / name)
+    (faces_dir / "notes.txt").write_text("not a photo")
+    proj = np.random.default_rng(0).standard_normal((64 * 64 * 3, syn.pack.embed_dim)).astype(np.float32)
+    images = []
+
+    class Stub:
+        def __init__(self, fail=False):
+            self.fail = fail
+
+        def embed_with_report(self, photo, face_index=None):
+            e = photo_emb[photo.name]
+            return FaceSelection(Face(box=(0, 0, 32, 32), score=1.0, embedding=e), 0, 1)
+
+        def embed(self, image):
+            if self.fail:
+                raise FaceError("no face in the image")
+            images.append(np.asarray(image, dtype=np.float32))
+            v = (np.asarray(image, dtype=np.float32).reshape(-1) / 255.0 - 0.5) @ proj
+            return Face(box=(0, 0, 1, 1), score=1.0, embedding=v / np.linalg.norm(v))
+
+    monkeypatch.setattr(faces, "get_embedder", lambda *a, **k: Stub())
+    res = identity_similarity(syn, str(tiny_pipeline_dir), faces_dir, ("diffusion", "nearest"), steps=2, size=64)
+    assert res["photos"] == 2 and res["images_without_face"] == {"diffusion": 0, "nearest": 0}
+    assert all(-1.0 <= v <= 1.0 for v in res["identity_cosine_mean"].values())
+    assert len(images) == 4 and images[0].shape == (64, 64, 3)
+    assert not np.allclose(images[0], images[1])  # the fused LoRA changed the generated image
+    monkeypatch.setattr(faces, "get_embedder", lambda *a, **k: Stub(fail=True))
+    res = identity_similarity(syn, str(tiny_pipeline_dir), faces_dir, ("nearest",), steps=2, size=64)
+    assert res["images_without_face"] == {"nearest": 2} and res["identity_cosine_mean"] == {"nearest": None}
