@@ -136,8 +136,8 @@ def check_isolation(syn: Synthesizer) -> dict:
 
     Checks: test persons vs training and validation persons (by :func:`~lorasynth.splits.person_key`
     of the pack ids); the latent model's standardisation statistics equal those of the training
-    rows; no hypernetwork training condition (its kernel landmarks) is a test embedding; the
-    neighbour search draws only from training rows.
+    rows; no hypernetwork training condition (its kernel landmarks or neighbour-mean rows) is a
+    test embedding; the neighbour search draws only from training rows.
     """
     from .splits import persons_of
 
@@ -166,6 +166,12 @@ def check_isolation(syn: Synthesizer) -> dict:
             d = torch.cdist(hyper.normalize_cond(e), hyper.landmarks).min(dim=1).values
             if bool((d < 1e-5).any()):
                 raise LeakError(f"{int((d < 1e-5).sum())} held-out embeddings are hypernetwork training conditions")
+        if len(hyper.nb_cond):  # the neighbour mean's database: unit-norm raw training embeddings
+            from .hypernet.regression import unit_rows
+
+            e = unit_rows(torch.from_numpy(pack.read_embeddings(test)).float())
+            if bool(((e @ hyper.nb_cond.T).max(dim=1).values > 1 - 1e-6).any()):
+                raise LeakError("held-out embeddings are in the hypernetwork's neighbour mean")
     lib = syn.train_rows
     if np.isin(lib, test).any():
         raise LeakError("the neighbour library contains held-out rows")

@@ -97,7 +97,12 @@ def train_hypernet(model: SynthesisModel, train_cfg: TrainConfig | None = None, 
     if len(val_idx):
         val = (encode_rows(latent, pack, val_idx), torch.from_numpy(pack.read_embeddings(val_idx)).float())
     cfg = train_cfg or TrainConfig()
-    net = HypernetDiffusion.for_data(z, cond, HypernetConfig(**(overrides or {})), val=val, seed=cfg.seed, lr=cfg.lr)
+    from .splits import person_key
+
+    persons = {}
+    groups = torch.tensor([persons.setdefault(person_key(pack.ids[int(r)]), len(persons)) for r in train_idx])
+    net = HypernetDiffusion.for_data(z, cond, HypernetConfig(**(overrides or {})), val=val, seed=cfg.seed, lr=cfg.lr,
+                                     groups=groups)
     batch = min(cfg.batch_size, len(z))
     loader = net.train_dataloader_for(batch, cfg.max_steps, cfg.seed)
     fit(net, loader, model.train_dir("hypernet"), cfg, resume=resume)

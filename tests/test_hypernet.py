@@ -290,3 +290,37 @@ def test_resume_from_lightning_checkpoint(trained):
     assert int(fresh.ema_updates) == 410
     for key in ("latent_mean", "cond_scale", "landmarks", "coef"):
         assert torch.equal(getattr(fresh.model, key), getattr(module.model, key))
+
+
+def test_neighbour_mean_mix_chosen_on_validation_cross_fitted_by_person_and_exported(tmp_path):
+    from lorasynth.hypernet.regression import MIX_GRID, NeighbourMean, cross_fit_neighbours, fit_neighbour_mean, make_folds
+
+    z, c = toy_world(400, seed=0)
+    z, c = z.repeat_interleave(2, 0), c.repeat_interleave(2, 0)  # two LoRAs per person, one embedding
+    groups = torch.arange(800) // 2
+    zv, cv = toy_world(200, seed=1)
+    zt, ct = toy_world(200, seed=2)
+    module = HypernetDiffusion.for_data(z, c, small_config(), val=(zv, cv), groups=groups)
+    rep = module.mean_report
+    errs = rep["mix_validation_mse"]
+    assert rep["mix_ridge_weight"] in MIX_GRID and errs[f"{rep['mix_ridge_weight']:g}"] == min(errs.values())
+    # cross-fitting keeps a person's rows in one fold: residuals have the held-out size, not ~0
+    mu, sd = z.mean(0), z.std(0)
+    nb, _ = fit_neighbour_mean(c, (z - mu) / sd, cv, (zv - mu) / sd)
+    nb.tau = 0.01
+    cf = cross_fit_neighbours(nb, c, make_folds(800, 5, groups))
+    cf_mse = float((cf - (z - mu) / sd).pow(2).mean())
+    test_mse = float((nb(ct) - (zt - mu) / sd).pow(2).mean())
+    assert float((nb(c) - (z - mu) / sd).pow(2).mean()) < 0.2 * test_mse  # in-sample: its twin answers
+    assert abs(cf_mse - test_mse) < 0.3 * test_mse
+    # a mixed mean survives export / load
+    h = module.hypernet()
+    h.nb_cond, h.nb_z = nb.cond.clone(), nb.z.clone()
+    h.nb_k.fill_(nb.k)
+    h.nb_tau.fill_(0.1)
+    h.mix.fill_(0.5)
+    cn = h.normalize_cond(ct)
+    neighbours_only = NeighbourMean(nb.cond, nb.z, nb.k, 0.1)(ct)
+    assert not torch.allclose(h.conditional_mean(cn), neighbours_only)
+    loaded = Hypernet.load(h.export(tmp_path))
+    torch.testing.assert_close(loaded.conditional_mean(loaded.normalize_cond(ct)), h.conditional_mean(cn))

@@ -2,8 +2,9 @@
 
 The world hides 40% of each LoRA's code variance from the face embedding and gives every person
 two LoRAs. The model is split by person into train / validation / test. Held-out, the mean of N
-diffusion samples must reach the kernel-ridge regression baseline (tuned on validation), single
-samples must spread like exact samples of the true conditional (the world's oracle), and the
+diffusion samples must reach the kernel-ridge regression baseline and the blend (both tuned on
+validation), single samples must spread about like exact samples of the true conditional (the
+world's oracle; somewhat more allowed, never less), and the
 evaluation must refuse to score when a test person leaks into training, the latent statistics,
 the hypernetwork or the neighbour search. ``scripts/bench_quality.py`` runs the full grid.
 """
@@ -58,13 +59,19 @@ def test_mean_of_samples_reaches_the_regression_baseline(results):
     cos = {k: v["delta_cosine_mean"] for k, v in results["strategies"].items()}
     print("held-out delta-W cosine:", json.dumps(cos), "oracle:", results["oracle"], "samples:", results["samples"])
     assert cos["diffusion_mean"] >= cos["regression"], cos
+    assert cos["diffusion_mean"] >= cos["blend_tuned"], cos  # blend with k, tau tuned on validation
     assert cos["regression"] > cos["nearest"] and cos["regression"] > cos["mean_lora"] + 0.1
     assert cos["diffusion_mean"] > cos["diffusion"]  # averaging samples helps
 
 
-def test_samples_spread_like_the_oracle_and_do_not_memorize(results):
+def test_samples_spread_like_the_oracle_and_do_not_memorize(results, world_model):
     samples, oracle = results["samples"], results["oracle"]
-    assert abs(samples["spread_gap"]) <= 0.08, samples  # the old model: pairwise cosine 0.9999
+    meta = json.loads((world_model[1] / "model" / "hypernet" / "hypernet.json").read_text())
+    print("calibration:", meta["calibration"]["chosen"], "mean:", {k: v for k, v in meta["mean"].items() if "mse" not in k})
+    # the old model: pairwise cosine 0.9999 (gap ~ +0.4). The residual temperature is chosen by the
+    # energy score against validation truths, so samples carry the error of the estimated mean too:
+    # they may spread somewhat more than the oracle's (which knows the visible factors), never less
+    assert -0.10 <= samples["spread_gap"] <= 0.05, samples
     assert results["strategies"]["diffusion"]["delta_cosine_mean"] >= 0.85 * oracle["one_sample"]
     assert not results["memorization"]["memorizes"], results["memorization"]
     assert results["isolation"]["leaks"] == 0
@@ -147,3 +154,89 @@ def test_cli_average_writes_the_exact_mean_of_the_samples(world_model, tmp_path)
     samples = [load_lora(tmp_path / f"s_{i}.safetensors", tree=ModuleTree.from_specs(syn.layout.modules)) for i in range(4)]
     assert not torch.allclose(samples[0].modules[name].delta(), samples[1].modules[name].delta())  # variety
     assert len(syn.synthesize(e, SynthesisSettings(samples=4, average=True))) == 1
+
+
+def test_edit_direction_moves_held_out_loras_along_a_planted_attribute(world_model):
+    """`lorasynth edit`'s direction (least squares on training latents) recovers a planted attribute."""
+    from types import SimpleNamespace
+
+    from lorasynth.editing import attribute_direction
+    from lorasynth.model_training import encode_rows
+
+    _, root = world_model
+    syn = Synthesizer(root / "model")
+    pack = syn.pack
+    x = pack.read_rows(np.arange(pack.n)).astype(np.float64)
+    u = np.random.default_rng(0).standard_normal(x.shape[1])
+    u /= np.linalg.norm(u)
+    score = (x - x.mean(0)) @ u
+    label = {pack.ids[i]: bool(score[i] > np.median(score)) for i in range(pack.n)}  # the planted attribute
+
+    class Lib:  # the one call attribute_direction makes of a Library
+        def resolve(self, entry_id):
+            return SimpleNamespace(attributes={"Planted": label[str(entry_id)]})
+
+    direction, std = attribute_direction(syn, Lib(), "Planted")
+    test = np.asarray(syn.model.info.heldout_ids)
+    z = encode_rows(syn.latent, pack, test)
+    before = (syn.decode(z).astype(np.float64) - x.mean(0)) @ u
+    for strength in (1.0, -1.0):  # what cmd_edit does
+        after = (syn.decode(z + strength * std * torch.from_numpy(direction)[None]).astype(np.float64) - x.mean(0)) @ u
+        assert np.all(np.sign(after - before) == strength)
+        assert abs(float(np.mean(after - before))) > 0.5 * float(score[test].std())  # a visible move
+    # a random direction moves the planted score far less
+    r = torch.randn(len(direction), generator=torch.Generator().manual_seed(1))
+    moved = (syn.decode(z + std * r[None] / r.norm()).astype(np.float64) - x.mean(0)) @ u
+    assert abs(float(np.mean(moved - before))) < 0.5 * abs(float(np.mean(after - before)))
+
+
+def test_identity_similarity_mechanics_on_the_tiny_pipeline(world_model, tiny_pipeline_dir, tmp_path, monkeypatch):
+    """`eval --base B --faces DIR`: embed each photo, synthesize per strategy, generate with the LoRA
+    fused, embed the image, score its cosine to the photo's embedding (a stand-in embedder here)."""
+    from PIL import Image
+
+    import lorasynth.faces as faces
+    from lorasynth.errors import FaceError
+    from lorasynth.evaluate import identity_similarity
+    from lorasynth.faces.base import Face, FaceSelection
+
+    _, root = world_model
+    dst = _copy_model(root, tmp_path)
+    model = SynthesisModel.open(dst)
+    model.info.embedder = "dlib"  # a photo embedder (the stand-in below answers for it)
+    model.save()
+    syn = Synthesizer(dst)
+    test = syn.model.info.heldout_ids[:2]
+    photo_emb = {f"p{i}.png": syn.pack.read_embeddings([r])[0] for i, r in enumerate(test)}
+    faces_dir = tmp_path / "faces"
+    faces_dir.mkdir()
+    for name in photo_emb:
+        Image.new("RGB", (32, 32), (120, 90, 60)).save(faces_dir / name)
+    (faces_dir / "notes.txt").write_text("not a photo")
+    proj = np.random.default_rng(0).standard_normal((64 * 64 * 3, syn.pack.embed_dim)).astype(np.float32)
+    images = []
+
+    class Stub:
+        def __init__(self, fail=False):
+            self.fail = fail
+
+        def embed_with_report(self, photo, face_index=None):
+            e = photo_emb[photo.name]
+            return FaceSelection(Face(box=(0, 0, 32, 32), score=1.0, embedding=e), 0, 1)
+
+        def embed(self, image):
+            if self.fail:
+                raise FaceError("no face in the image")
+            images.append(np.asarray(image, dtype=np.float32))
+            v = (np.asarray(image, dtype=np.float32).reshape(-1) / 255.0 - 0.5) @ proj
+            return Face(box=(0, 0, 1, 1), score=1.0, embedding=v / np.linalg.norm(v))
+
+    monkeypatch.setattr(faces, "get_embedder", lambda *a, **k: Stub())
+    res = identity_similarity(syn, str(tiny_pipeline_dir), faces_dir, ("diffusion", "nearest"), steps=2, size=64)
+    assert res["photos"] == 2 and res["images_without_face"] == {"diffusion": 0, "nearest": 0}
+    assert all(-1.0 <= v <= 1.0 for v in res["identity_cosine_mean"].values())
+    assert len(images) == 4 and images[0].shape == (64, 64, 3)
+    assert not np.allclose(images[0], images[1])  # the fused LoRA changed the generated image
+    monkeypatch.setattr(faces, "get_embedder", lambda *a, **k: Stub(fail=True))
+    res = identity_similarity(syn, str(tiny_pipeline_dir), faces_dir, ("nearest",), steps=2, size=64)
+    assert res["images_without_face"] == {"nearest": 2} and res["identity_cosine_mean"] == {"nearest": None}

@@ -41,7 +41,7 @@ from .model import (  # noqa: F401  (re-exported: older code imports them from h
     Hypernet,
     HypernetConfig,
 )
-from .regression import fit_kernel_mean
+from .regression import MIX_GRID, _mse, cross_fit_neighbours, fit_kernel_mean, fit_neighbour_mean, make_folds
 
 
 def _as_pairs(latents: Tensor, conds: Tensor) -> tuple[Tensor, Tensor]:
@@ -108,21 +108,25 @@ class HypernetDiffusion(lightning.LightningModule):
     # ------------------------------------------------------------------ data
     @classmethod
     def for_data(cls, latents: Tensor, conds: Tensor, config: HypernetConfig | None = None,
-                 val: tuple[Tensor, Tensor] | None = None, seed: int = 0, **kwargs: Any) -> "HypernetDiffusion":
+                 val: tuple[Tensor, Tensor] | None = None, seed: int = 0, groups: Tensor | None = None,
+                 **kwargs: Any) -> "HypernetDiffusion":
         """A module sized for ``latents`` (N, K) / ``conds`` (N, C), statistics and mean fitted.
 
         ``val``: validation (latents, conds) of people not in training: they choose the mean's
-        kernel width and ridge (else 5-fold cross-validation on the training rows).
+        kernel width and ridge, the neighbour mean's k and temperature and the mix of the two
+        (else 5-fold cross-validation of the ridge alone). ``groups``: a person id per training
+        row (cross-fitting folds keep a person's LoRAs together).
         """
         latents, conds = _as_pairs(latents, conds)
         base = (config or HypernetConfig()).to_dict()
         base.update(latent_dim=latents.shape[1], cond_dim=conds.shape[1])
         module = cls(HypernetConfig.from_dict(base), **kwargs)
-        module.set_data(latents, conds, val, seed)
+        module.set_data(latents, conds, val, seed, groups)
         return module
 
     @torch.no_grad()
-    def set_data(self, latents: Tensor, conds: Tensor, val: tuple[Tensor, Tensor] | None = None, seed: int = 0) -> None:
+    def set_data(self, latents: Tensor, conds: Tensor, val: tuple[Tensor, Tensor] | None = None, seed: int = 0,
+                 groups: Tensor | None = None) -> None:
         """Statistics, closed-form mean and the (cross-fitted) diffusion training pairs."""
         latents, conds = _as_pairs(latents, conds)
         m = self.model
@@ -142,9 +146,16 @@ class HypernetDiffusion(lightning.LightningModule):
         if val is not None and len(val[0]):
             vz, vc = m.normalize_latent(torch.as_tensor(val[0]).float()), m.normalize_cond(torch.as_tensor(val[1]).float())
         if self.config.residual_mean:
-            mean, resid, self.mean_report = fit_kernel_mean(cn, zn, vc, vz, self.config.mean_landmarks, seed=seed)
+            m.mix.fill_(1.0)  # a refit starts from the ridge mean alone
+            m.nb_cond, m.nb_z = m.nb_cond[:0], m.nb_z[:0]
+            weight = m.latent_std.pow(2)  # choose every setting by the error in raw latent units
+            mean, resid, self.mean_report = fit_kernel_mean(cn, zn, vc, vz, self.config.mean_landmarks, seed=seed,
+                                                            groups=groups, weight=weight)
             m.landmarks, m.coef = mean.landmarks.clone(), mean.coef.clone()
             m.gamma.fill_(mean.gamma)
+            if vz is not None:
+                resid = self._fit_neighbour_mix(conds, zn, resid, torch.as_tensor(val[1]).float(), vz, vc, weight,
+                                                make_folds(len(zn), 5, groups, seed))
         else:
             resid = zn
         rstd = resid.std(0)
@@ -152,6 +163,25 @@ class HypernetDiffusion(lightning.LightningModule):
         self.train_pairs = (resid / m.resid_std, cn)
         if vz is not None:
             self.val_pairs = ((vz - m.conditional_mean(vc)) / m.resid_std, vc)
+
+    @torch.no_grad()
+    def _fit_neighbour_mix(self, cond_raw, zn, kr_resid, val_raw, vz, vc, weight, fold) -> Tensor:
+        """Neighbour mean and its mix with the ridge mean, chosen on validation; cross-fitted residuals."""
+        m = self.model
+        nb, nb_report = fit_neighbour_mean(cond_raw, zn, val_raw, vz, weight)
+        kr_val, nb_val = m.conditional_mean(vc), nb(val_raw)
+        errs = {a: _mse(a * kr_val + (1 - a) * nb_val, vz, weight) for a in MIX_GRID}
+        mix = min(errs, key=errs.get)
+        self.mean_report = {**self.mean_report, "neighbours": nb_report,
+                            "mix_ridge_weight": mix, "mix_validation_mse": {f"{a:g}": e for a, e in errs.items()}}
+        if mix >= 1.0:
+            return kr_resid
+        m.nb_cond, m.nb_z = nb.cond.clone(), nb.z.clone()
+        m.nb_k.fill_(nb.k)
+        m.nb_tau.fill_(nb.tau)
+        m.mix.fill_(mix)
+        nb_cf = cross_fit_neighbours(nb, cond_raw, fold)
+        return mix * kr_resid + (1 - mix) * (zn - nb_cf)
 
     def train_dataloader_for(self, batch_size: int, max_steps: int, seed: int = 0) -> DataLoader:
         if self.train_pairs is None:
@@ -263,8 +293,8 @@ CALIBRATION_GRID = ((50, 0.0, 1.0), (100, 0.0, 1.0), (200, 0.0, 1.0), (100, 1.0,
 
 
 @torch.no_grad()
-def energy_score(samples: Tensor, truth: Tensor) -> float:
-    """Mean energy score of ``samples`` (B, S, K) for ``truth`` (B, K); lower is better.
+def energy_scores(samples: Tensor, truth: Tensor) -> Tensor:
+    """Energy score of each row: ``samples`` (B, S, K) for ``truth`` (B, K) -> (B,); lower is better.
 
     ``E|X - y| - 0.5 E|X - X'|``: strictly proper, so it is minimised by the true conditional
     distribution; a sampler that collapses to a point or sprays too widely loses.
@@ -272,20 +302,33 @@ def energy_score(samples: Tensor, truth: Tensor) -> float:
     b, s, _ = samples.shape
     fit = (samples - truth[:, None]).norm(dim=-1).mean(dim=1)
     pair = torch.cdist(samples, samples).sum(dim=(1, 2)) / max(s * (s - 1), 1)
-    return float((fit - 0.5 * pair).mean())
+    return fit - 0.5 * pair
+
+
+def energy_score(samples: Tensor, truth: Tensor) -> float:
+    """Mean energy score of ``samples`` (B, S, K) for ``truth`` (B, K); lower is better."""
+    return float(energy_scores(samples, truth).mean())
+
+
+#: Temperatures (factors on the sampled residual) tried by :func:`calibrate_sampling`.
+TEMPERATURE_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)
 
 
 @torch.no_grad()
 def calibrate_sampling(model: Hypernet, val_latents: Tensor, val_conds: Tensor, samples: int = 4,
-                       grid=CALIBRATION_GRID, seed: int = 0, max_rows: int = 400, spread: bool = False) -> dict:
-    """Choose the sampler settings (and optionally the spread) on validation people; updates ``model``.
+                       grid=CALIBRATION_GRID, seed: int = 0, max_rows: int = 400, spread: bool = False,
+                       temperatures=TEMPERATURE_GRID) -> dict:
+    """Choose the sampler settings and the residual temperature on validation people; updates ``model``.
 
-    For every ``(num_steps, eta, guidance)`` of ``grid``: sample ``samples`` latents per
-    validation face and score them by the energy score (standardized latent units); the best
-    setting is kept. ``spread=True`` also rescales the sampled residuals per dimension to the
-    variance of the validation residuals (clamped to [0.5, 2]). Off by default: validation
-    residuals also hold the error of the estimated mean, so matching them over-spreads samples
-    (measured on the planted worlds: pairwise cosine 0.51 against the oracle's 0.62).
+    For every ``(num_steps, eta, guidance)`` of ``grid`` and every temperature (a factor on the
+    sampled residual, stored as ``spread_scale``): sample ``samples`` latents per validation face
+    and score them by the energy score against the validation truth, in raw latent units (a
+    strictly proper scoring rule: it rewards the right spread, not the oracle's). The sampler
+    setting with the best score at temperature 1 is kept; a temperature other than 1 only when
+    it beats temperature 1 by more than twice the standard error of the paired difference over
+    the validation rows (else the choice would follow sampling noise). ``spread=True`` first rescales the sampled residuals per dimension to the variance
+    of the validation residuals (clamped to [0.5, 2]); off by default: validation residuals also
+    hold the error of the estimated mean, so matching them over-spreads samples.
     """
     z = torch.as_tensor(val_latents, dtype=torch.float32)[:max_rows]
     c = torch.as_tensor(val_conds, dtype=torch.float32)[:max_rows]
@@ -293,21 +336,31 @@ def calibrate_sampling(model: Hypernet, val_latents: Tensor, val_conds: Tensor, 
     mean = model.conditional_mean(cn)
     target = ((zn - mean) / model.resid_std).pow(2).mean(0)
     model.spread_scale.fill_(1.0)
-    scores, scales = {}, {}
+    std = model.latent_std
+    scores, scales, rows = {}, {}, {}
     for steps, eta, g in grid:
         x = model.sample(c, num_steps=steps, eta=eta, guidance=g, seed=seed, n_samples=samples)
         x0 = ((model.normalize_latent(x).view(len(c), samples, -1) - mean[:, None]) / model.resid_std)
         scale = (target / x0.pow(2).mean(dim=(0, 1)).clamp_min(1e-8)).sqrt().clamp(0.5, 2.0)
         if not spread:
             scale = torch.ones_like(scale)
-        xs = mean[:, None] + model.resid_std * scale * x0
-        scores[(steps, eta, g)] = energy_score(xs, zn)
-        scales[(steps, eta, g)] = scale
-    key, best = min(scores.items(), key=lambda kv: kv[1])
-    steps, eta, g = key
+        for temp in sorted(set(temperatures) | {1.0}):
+            xs = mean[:, None] + model.resid_std * (temp * scale) * x0
+            rows[(steps, eta, g, temp)] = energy_scores(xs * std, zn * std)
+            scores[(steps, eta, g, temp)] = float(rows[(steps, eta, g, temp)].mean())
+            scales[(steps, eta, g, temp)] = temp * scale
+    steps, eta, g = min(grid, key=lambda s_: scores[(*s_, 1.0)])
+    one = (steps, eta, g, 1.0)
+    key = min((k for k in scores if k[:3] == one[:3]), key=scores.get)
+    diff = rows[one] - rows[key]
+    if key != one and float(diff.mean()) <= 2 * float(diff.std()) / max(len(diff), 1) ** 0.5:
+        key = one
+    best, temp = scores[key], key[3]
     model.spread_scale.copy_(scales[key])
     model.sampling_defaults.update(num_steps=steps, eta=eta, guidance=g, scheduler="ddim")
-    return {"chosen": {"num_steps": steps, "eta": eta, "guidance": g}, "energy_score": best,
+    return {"chosen": {"num_steps": steps, "eta": eta, "guidance": g, "temperature": temp}, "energy_score": best,
+            "energy_score_at_temperature_1": scores[one],
+            "best_temperature_by_mean": min((k for k in scores if k[:3] == one[:3]), key=scores.get)[3],
             "spread_scale_mean": float(scales[key].mean()),
-            "grid": {f"steps={s},eta={e:g},guidance={gg:g}": v for (s, e, gg), v in scores.items()},
-            "on": f"{len(c)} validation rows"}
+            "grid": {f"steps={s},eta={e:g},guidance={gg:g},temperature={t:g}": v for (s, e, gg, t), v in scores.items()},
+            "on": f"{len(c)} validation rows, energy score in raw latent units"}

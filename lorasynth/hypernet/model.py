@@ -4,12 +4,14 @@ A LoRA latent (PCA coefficients or LoRA-VAE mean, standardized per dimension) is
 
     z = mean(face embedding) + resid_std * x0,     x0 ~ a conditional diffusion model
 
-* ``mean`` is a closed-form kernel ridge regression on the embedding
-  (:mod:`lorasynth.hypernet.regression`), fitted and tuned on validation people at training
-  time: averaging many samples lands on a well-estimated conditional mean by construction;
+* ``mean`` is a closed-form kernel ridge regression on the embedding, optionally mixed with a
+  neighbour (Nadaraya-Watson, cosine kernel) mean (:mod:`lorasynth.hypernet.regression`); widths,
+  ridge, k, temperature and mix are chosen on validation people at training time: averaging many
+  samples lands on a well-estimated conditional mean by construction;
 * the diffusion (:class:`Denoiser`, an MLP-ResNet conditioned by AdaLN, trained with
   condition dropout for classifier-free guidance) learns the *spread* of the residual around
-  that mean, from cross-fitted residuals that have the size residuals of new people have.
+  that mean, from residuals cross-fitted by person that have the size residuals of new people
+  have; a residual temperature (``spread_scale``) is calibrated on validation by energy score.
 
 :class:`Hypernet` holds the denoiser (EMA weights), the statistics and the mean, and samples
 with a DDIM sampler (``eta`` 0 = deterministic ODE, 1 = DDPM-like) written here in a few lines
@@ -49,7 +51,10 @@ DEFAULT_ETA = 0.0
 DEFAULT_SCHEDULER = "ddim"
 
 _STAT_KEYS = ("latent_mean", "latent_std", "cond_mean", "cond_scale", "resid_std", "spread_scale", "landmarks", "coef",
-              "gamma")
+              "gamma", "nb_cond", "nb_z", "nb_k", "nb_tau", "mix")
+#: Keys a file may lack (written before they existed): the defaults keep the old behaviour.
+_OPTIONAL_KEYS = ("spread_scale", "nb_cond", "nb_z", "nb_k", "nb_tau", "mix")
+_RESIZABLE_KEYS = ("landmarks", "coef", "nb_cond", "nb_z")
 
 
 @dataclass
@@ -257,6 +262,13 @@ class Hypernet(nn.Module):
         self.register_buffer("landmarks", torch.zeros(0, c))
         self.register_buffer("coef", torch.zeros(0, k))
         self.register_buffer("gamma", torch.zeros(()))
+        # neighbour (Nadaraya-Watson) mean on cosine similarity of raw embeddings, mixed with the
+        # kernel ridge mean as ``mix * ridge + (1 - mix) * neighbours`` (mix chosen on validation)
+        self.register_buffer("nb_cond", torch.zeros(0, c))
+        self.register_buffer("nb_z", torch.zeros(0, k))
+        self.register_buffer("nb_k", torch.zeros((), dtype=torch.long))
+        self.register_buffer("nb_tau", torch.ones(()))
+        self.register_buffer("mix", torch.ones(()))
         self.register_buffer("alphas_cumprod", alphas_cumprod(config).float(), persistent=False)
         #: Sampling settings recorded in hypernet.json (``num_steps``, ``guidance``, ``eta``).
         self.sampling_defaults: dict = {"num_steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE,
@@ -274,11 +286,20 @@ class Hypernet(nn.Module):
 
     def conditional_mean(self, cond_n: Tensor | None, batch: int = 1) -> Tensor:
         """The closed-form mean (standardized latent units) of normalized conditions (zeros without one)."""
-        if cond_n is None or len(self.landmarks) == 0:
+        if cond_n is None or (len(self.landmarks) == 0 and len(self.nb_cond) == 0):
             n = batch if cond_n is None else len(cond_n)
             return torch.zeros(n, self.config.latent_dim, device=self.latent_mean.device)
-        d2 = torch.cdist(cond_n, self.landmarks).pow(2)
-        return torch.exp(-self.gamma * d2) @ self.coef
+        mix = float(self.mix) if len(self.nb_cond) else 1.0
+        out = 0.0
+        if mix > 0 and len(self.landmarks):
+            d2 = torch.cdist(cond_n, self.landmarks).pow(2)
+            out = mix * (torch.exp(-self.gamma * d2) @ self.coef)
+        if mix < 1:
+            from .regression import NeighbourMean
+
+            nb = NeighbourMean(self.nb_cond, self.nb_z, int(self.nb_k), float(self.nb_tau))
+            out = out + (1 - mix) * nb(cond_n * self.cond_scale + self.cond_mean)
+        return out
 
     def to_x0(self, z: Tensor, cond: Tensor | None) -> Tensor:
         """Raw latents and raw conditions -> the diffusion's data space (standardized residuals)."""
@@ -461,16 +482,17 @@ class Hypernet(nn.Module):
             for key in _STAT_KEYS:
                 if key in tensors:
                     buf = getattr(module, key)
-                    if key in ("landmarks", "coef"):
+                    if key in _RESIZABLE_KEYS:
                         setattr(module, key, tensors[key].float().clone())
                     else:
                         buf.copy_(tensors[key])
-                elif version >= 2 and key != "spread_scale":
+                elif version >= 2 and key not in _OPTIONAL_KEYS:
                     raise KeyError(key)
         except (RuntimeError, KeyError) as exc:
             raise ModelError(f"{w_path} does not match its config: {exc}") from exc
         if module.landmarks.ndim != 2 or module.landmarks.shape[1] != config.cond_dim or \
-                module.coef.shape != (len(module.landmarks), config.latent_dim):
+                module.coef.shape != (len(module.landmarks), config.latent_dim) or \
+                module.nb_cond.shape[1:] != (config.cond_dim,) or module.nb_z.shape != (len(module.nb_cond), config.latent_dim):
             raise ModelError(f"{w_path}: mean tensors do not match the config")
         module.sampling_defaults = dict(meta.get("sampling", {}))
         if version < 2:

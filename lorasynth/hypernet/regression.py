@@ -21,7 +21,7 @@ from torch import Tensor
 #: Kernel widths, as multiples of 1 / (median squared distance between training conditions).
 GAMMA_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 #: Ridge strengths, relative to the mean diagonal of the landmark Gram matrix.
-RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0)
+RIDGE_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 @dataclass
@@ -40,11 +40,29 @@ class KernelMean:
         return self.kernel(cond) @ self.coef.to(cond.device)
 
 
+def make_folds(n: int, folds: int, groups: Tensor | None = None, seed: int = 0) -> Tensor:
+    """Fold index of each row; rows of one group (a person's LoRAs) share a fold."""
+    g = torch.Generator().manual_seed(seed)
+    if groups is None:
+        return torch.randperm(n, generator=g) % folds
+    uniq, inv = torch.unique(torch.as_tensor(groups), return_inverse=True)
+    return (torch.randperm(len(uniq), generator=g) % folds)[inv]
+
+
+def _mse(pred: Tensor, z: Tensor, weight: Tensor | None) -> float:
+    err = (pred.double() - z.double()).pow(2)
+    return float((err * weight.double()).sum(1).mean() / weight.double().sum() if weight is not None else err.mean())
+
+
 def fit_kernel_mean(cond: Tensor, z: Tensor, val_cond: Tensor | None = None, val_z: Tensor | None = None,
-                    n_landmarks: int = 1024, seed: int = 0, folds: int = 5) -> tuple[KernelMean, Tensor, dict]:
+                    n_landmarks: int = 1024, seed: int = 0, folds: int = 5, groups: Tensor | None = None,
+                    weight: Tensor | None = None) -> tuple[KernelMean, Tensor, dict]:
     """Fit the conditional mean, choosing ``(gamma, ridge)`` on validation (else by K-fold CV).
 
     ``cond`` (n, C) and ``z`` (n, K) are the standardized training conditions and latents.
+    ``groups``: a person id per row (the cross-fitting folds keep a person's LoRAs together);
+    ``weight`` (K,): per-dimension weight of the squared error that chooses the setting
+    (e.g. the latent variances, so that the error is measured in raw latent units).
     Returns ``(model, cross_fitted_residuals (n, K), report)``; the model is refitted on all
     training rows with the chosen setting.
     """
@@ -54,7 +72,7 @@ def fit_kernel_mean(cond: Tensor, z: Tensor, val_cond: Tensor | None = None, val
     land = cond[torch.randperm(n, generator=g)[:m]].float()
     sub = cond[torch.randperm(n, generator=g)[: min(n, 2000)]]
     med = torch.cdist(sub, sub).pow(2).median().clamp_min(1e-12).item()
-    fold = torch.randperm(n, generator=g) % folds
+    fold = make_folds(n, folds, groups, seed)
 
     has_val = val_cond is not None and len(val_cond) > 0
     eye = torch.eye(m, dtype=torch.float64)
@@ -69,7 +87,7 @@ def fit_kernel_mean(cond: Tensor, z: Tensor, val_cond: Tensor | None = None, val
         for ridge in RIDGE_GRID:
             if has_val:
                 coef = torch.linalg.solve(gram + ridge * n * km, rhs)
-                err = (kv @ coef - val_z.double()).pow(2).mean().item()
+                err = _mse(kv @ coef, val_z, weight)
             else:
                 err = 0.0
                 for f in range(folds):
@@ -77,8 +95,8 @@ def fit_kernel_mean(cond: Tensor, z: Tensor, val_cond: Tensor | None = None, val
                     kf = kn[mask]
                     coef = torch.linalg.solve(gram - kf.T @ kf + ridge * int((~mask).sum()) * km,
                                               rhs - kf.T @ z[mask].double())
-                    err += (kf @ coef - z[mask].double()).pow(2).sum().item()
-                err /= z.numel()
+                    err += _mse(kf @ coef, z[mask], weight) * int(mask.sum())
+                err /= n
             scores[f"{gm:g}/{ridge:g}"] = err
             if err < best_err:
                 best, best_err = (gamma, ridge, gm), err
@@ -95,8 +113,68 @@ def fit_kernel_mean(cond: Tensor, z: Tensor, val_cond: Tensor | None = None, val
     model = KernelMean(land, torch.linalg.solve(gram + ridge * n * km, rhs).float(), gamma)
     report = {"gamma_over_median": gm, "ridge": ridge, "landmarks": m,
               "chosen_on": "validation" if val_cond is not None and len(val_cond) else f"{folds}-fold CV",
-              "best_mse": best_err, "zero_mse": float(((val_z if val_z is not None and len(val_z) else z)).pow(2).mean())}
+              "best_mse": best_err,
+              "zero_mse": _mse(torch.zeros(1), val_z if val_z is not None and len(val_z) else z, weight)}
     return model, resid, report
 
 
-__all__ = ["KernelMean", "fit_kernel_mean", "GAMMA_GRID", "RIDGE_GRID"]
+def unit_rows(x: Tensor) -> Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+#: Neighbour counts and softmax temperatures (on cosine similarity) tried for the neighbour mean.
+NEIGHBOUR_K = (8, 16, 32, 64, 128)
+NEIGHBOUR_TAU = (0.02, 0.05, 0.1, 0.2, 0.5)
+#: Weights of the kernel ridge mean in the combination ``a * ridge + (1 - a) * neighbours``.
+MIX_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass
+class NeighbourMean:
+    """Nadaraya-Watson mean: softmax(cos(c, c_j) / tau) over the top-k training rows, of their latents.
+
+    The same kernel as the ``blend`` strategy (cosine of the raw embeddings), in latent space.
+    """
+
+    cond: Tensor  # (n, C) unit-norm raw training conditions
+    z: Tensor  # (n, K)
+    k: int
+    tau: float
+
+    def __call__(self, cond_raw: Tensor, exclude: Tensor | None = None) -> Tensor:
+        sims = unit_rows(cond_raw.float()) @ self.cond.to(cond_raw.device).T
+        if exclude is not None:
+            sims = sims.masked_fill(exclude, -float("inf"))
+        k = min(self.k, sims.shape[1])
+        top, idx = sims.topk(k, dim=1)
+        w = torch.softmax(top / self.tau, dim=1)
+        return torch.einsum("bk,bkd->bd", w, self.z.to(cond_raw.device)[idx])
+
+
+def fit_neighbour_mean(cond_raw: Tensor, z: Tensor, val_cond_raw: Tensor, val_z: Tensor,
+                       weight: Tensor | None = None) -> tuple[NeighbourMean, dict]:
+    """Choose ``(k, tau)`` of the neighbour mean on validation rows (weighted squared error)."""
+    base = NeighbourMean(unit_rows(cond_raw.float()), z.float(), max(NEIGHBOUR_K), 1.0)
+    scores, best, best_err = {}, None, float("inf")
+    for k in NEIGHBOUR_K:
+        for tau in NEIGHBOUR_TAU:
+            base.k, base.tau = k, tau
+            err = _mse(base(val_cond_raw), val_z, weight)
+            scores[f"k={k},tau={tau:g}"] = err
+            if err < best_err:
+                best, best_err = (k, tau), err
+    base.k, base.tau = best
+    return base, {"k": best[0], "tau": best[1], "best_mse": best_err}
+
+
+def cross_fit_neighbours(mean: NeighbourMean, cond_raw: Tensor, fold: Tensor) -> Tensor:
+    """Each training row predicted by the neighbour mean without its own fold (its person)."""
+    out = torch.empty_like(mean.z)
+    for f in fold.unique():
+        mask = fold == f
+        out[mask] = mean(cond_raw[mask], exclude=mask[None, :].expand(int(mask.sum()), -1))
+    return out
+
+
+__all__ = ["KernelMean", "NeighbourMean", "fit_kernel_mean", "fit_neighbour_mean", "cross_fit_neighbours", "make_folds",
+           "unit_rows", "GAMMA_GRID", "RIDGE_GRID", "NEIGHBOUR_K", "NEIGHBOUR_TAU", "MIX_GRID"]
