@@ -73,8 +73,8 @@ class LoRAVAE(VAENet, lightning.LightningModule):
     """
 
     def __init__(self, config: VAEConfig | dict, dim: int, mean=None, scale=None,
-                 layout_signature: str = "", lr: float = 1e-3):
-        super().__init__(config, dim, mean, scale, layout_signature, lr)  # VAENet, then LightningModule
+                 layout_signature: str = "", lr: float = 1e-3, init_weights: bool = True):
+        super().__init__(config, dim, mean, scale, layout_signature, lr, init_weights)  # VAENet, then LightningModule
         # plain values only: checkpoints are loaded with weights_only=True
         self.hparams.update({"config": asdict(self.config), "dim": self._dim, "layout_signature": layout_signature,
                              "lr": lr})
