@@ -147,8 +147,10 @@ def test_cli_synthesize_sample_interpolate(model_dir, tmp_path):
 
     e = Synthesizer(model_dir).pack.read_embeddings([0])[0]
     np.save(tmp_path / "e.npy", e)
+    threads = torch.get_num_threads()
     assert main(["synthesize", "--embedding", str(tmp_path / "e.npy"), "--model", str(model_dir),
-                 "--samples", "2", "-o", str(tmp_path / "s.safetensors")]) == 0
+                 "--samples", "2", "--threads", "1", "-o", str(tmp_path / "s.safetensors")]) == 0
+    assert torch.get_num_threads() == threads  # --threads applies to the command only
     assert (tmp_path / "s_0.safetensors").exists() and (tmp_path / "s_1.safetensors").exists()
     assert main(["sample", "--model", str(model_dir), "-n", "2", "-o", str(tmp_path / "new")]) == 0
     assert len(list((tmp_path / "new").glob("*.safetensors"))) == 2

@@ -43,11 +43,32 @@ def _threads_flag(p) -> None:
 
 
 def _use_threads(args) -> None:
+    """Set torch's threads to ``--threads`` (imports torch: call it after starting any prewarm);
+    :func:`_restores_threads` on the command puts the previous count back when it returns."""
     if args.threads < 1:
         raise LorasynthError(f"--threads must be >= 1, got {args.threads}")
     import torch
 
+    args.threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+
+
+def _restores_threads(cmd):
+    """A command that calls :func:`_use_threads` leaves torch's thread count as it found it
+    (matters when ``main()`` runs in-process, e.g. in tests or a notebook)."""
+    import functools
+
+    @functools.wraps(cmd)
+    def run(args) -> int:
+        try:
+            return cmd(args)
+        finally:
+            before = getattr(args, "threads_before", None)
+            if before is not None:
+                import torch
+
+                torch.set_num_threads(before)
+    return run
 
 
 def _synthesis_flags(p) -> None:
@@ -292,6 +313,7 @@ def _prewarm_embedder(model: str, model_root: str | None) -> None:
         threading.Thread(target=work, name="lorasynth-prewarm", daemon=True).start()
 
 
+@_restores_threads
 def cmd_synthesize(args) -> int:
     if args.face:  # first: the formats and settings checks below import torch, which the prewarm overlaps
         _prewarm_embedder(args.model, args.model_root)
@@ -333,6 +355,7 @@ def cmd_export_model(args) -> int:
     return 0
 
 
+@_restores_threads
 def cmd_sample(args) -> int:
     from ..synthesis import Synthesizer, SynthesisSettings, write_synthesized
 
