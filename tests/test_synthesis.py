@@ -1,6 +1,8 @@
 """Synthesis end to end on a small planted world and the tiny pipeline (mechanics, not quality)."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,6 +142,28 @@ def test_bad_inputs(model_dir, tmp_path):
         syn.embed_photo(tmp_path / "whatever.jpg")
     with pytest.raises(ModelError, match="not a lorasynth model folder"):
         Synthesizer(tmp_path)
+
+
+def test_cli_synthesize_skips_the_exit_garbage_collection(model_dir, tmp_path):
+    """A synthesize process freezes the GC at exit (Python's final collection over torch's objects
+    costs ~0.35 s); the file is written and the exit handlers still run."""
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "e.npy", Synthesizer(model_dir).pack.read_embeddings([0])[0])
+    out = tmp_path / "s.safetensors"
+    code = ("import atexit, gc, sys\n"
+            "from lorasynth.cli.main import main\n"
+            f"assert main(['synthesize', '--embedding', {str(tmp_path / 'e.npy')!r}, '--model', {str(model_dir)!r},"
+            f" '-o', {str(out)!r}]) == 0\n"
+            "before = gc.get_freeze_count()\n"
+            "atexit._run_exitfuncs()\n"
+            "print(before, gc.get_freeze_count())")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert res.returncode == 0, res.stderr[-2000:]
+    before, after = map(int, res.stdout.split()[-2:])
+    assert before == 0 and after > 10_000 and out.stat().st_size > 0
 
 
 def test_cli_synthesize_sample_interpolate(model_dir, tmp_path):
