@@ -89,6 +89,40 @@ def test_import_is_cheap_and_help_shows_the_api():
         lorasynth.no_such_name
 
 
+#: Modules the photo -> LoRA file path must not import: training/pipeline stacks, and what runs
+#: under them (sympy, torch._dynamo: 1-2 s of torch's lazily imported compiler, e.g. pulled in by
+#: building modules inside a ``torch.device("meta")`` context).
+NOT_ON_THE_SYNTHESIS_PATH = ("lightning", "pytorch_lightning", "diffusers", "transformers", "peft", "sympy",
+                             "torch._dynamo", "scipy", "skimage", "matplotlib", "insightface", "onnxruntime", "cv2")
+
+
+@pytest.mark.parametrize("kind", ["vae", "pca"])
+def test_synthesis_path_imports_neither_lightning_nor_diffusers(model_dir, photo, tmp_path, kind):
+    """Synthesizer.from_pretrained + synthesize from a photo (dlib) + writing the file, in a fresh process."""
+    if kind == "pca":  # the same model with a PCA latent of the hypernetwork's size (the default kind)
+        from lorasynth.latent.pca import fit_pca
+        from lorasynth.synthesis_model import SynthesisModel
+
+        model = SynthesisModel.open(_copy_model(model_dir, tmp_path / "pca_model"))
+        for f in model.latent_dir.iterdir():
+            f.unlink()
+        fit_pca(model.open_pack(), 8, idx=np.asarray(model.info.train_ids)).export(model.latent_dir)
+        model.info.latent_kind = "pca"
+        model.save()
+        model_dir = model.path
+    out = tmp_path / "me.safetensors"
+    code = ("import sys, lorasynth\n"
+            f"syn = lorasynth.Synthesizer.from_pretrained({str(model_dir)!r})\n"
+            f"syn({str(photo)!r}, seed=0).save({str(out)!r})\n"
+            f"print(type(syn.latent).__name__, sorted(m for m in {NOT_ON_THE_SYNTHESIS_PATH!r} if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[0] == {"vae": "VAENet", "pca": "PCA"}[kind]
+    assert res.stdout.strip().endswith("[]"), res.stdout
+    assert len(_load_tiny(out, lorasynth.Synthesizer.from_pretrained(model_dir))) > 0  # a readable LoRA file
+
+
 # ------------------------------------------------------------------------ README
 
 

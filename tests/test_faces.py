@@ -258,6 +258,37 @@ def test_dlib_missing_model_files(tmp_path):
         get_embedder("dlib", model_root=tmp_path)
 
 
+def test_dlib_detector_is_cached_and_a_damaged_cache_is_rebuilt(tmp_path, monkeypatch, astronaut):
+    """The serialized HOG detector (loads in ms instead of ~0.4 s) finds exactly what dlib's own does."""
+    import types
+
+    import dlib
+
+    from lorasynth.faces.dlib_embedder import frontal_face_detector
+
+    def boxes(det):
+        rects, scores, _ = det.run(astronaut, 0, 0.0)
+        return [(r.left(), r.top(), r.right(), r.bottom()) for r in rects], list(scores)
+
+    def must_not_build():
+        raise AssertionError("the cached detector was not used")
+
+    reference = boxes(dlib.get_frontal_face_detector())
+    assert reference[0]
+    monkeypatch.setenv("LORASYNTH_CACHE", str(tmp_path / "cache"))
+    assert boxes(frontal_face_detector(dlib)) == reference  # built, then written to the cache
+    (cached,) = (tmp_path / "cache" / "dlib").glob("frontal_face_detector-*.svm")
+    no_builder = types.SimpleNamespace(__version__=dlib.__version__, fhog_object_detector=dlib.fhog_object_detector,
+                                       get_frontal_face_detector=must_not_build)
+    assert boxes(frontal_face_detector(no_builder)) == reference  # loaded from the file
+    size = cached.stat().st_size
+    cached.write_bytes(b"damaged")
+    assert boxes(frontal_face_detector(dlib)) == reference and cached.stat().st_size == size  # rebuilt, rewritten
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("LORASYNTH_CACHE", str(tmp_path / "a_file"))  # an unusable cache folder
+    assert boxes(frontal_face_detector(dlib)) == reference
+
+
 # --------------------------------------------------------------------------- arcface on synthetic ONNX
 
 @pytest.fixture(scope="module")

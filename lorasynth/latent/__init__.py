@@ -65,13 +65,14 @@ class LatentModel(Protocol):
 def load_latent(path: str | Path) -> LatentModel:
     """Load an exported PCA (``pca.json``) or VAE (``vae.json``) from a directory.
 
-    Only a VAE imports Lightning (its module is a LightningModule); PCA, the default, does not.
+    Neither imports Lightning: a VAE loads as the plain-torch :class:`~lorasynth.latent.vae_net.VAENet`
+    (training uses its Lightning subclass :class:`~lorasynth.latent.vae.LoRAVAE`).
     """
     path = Path(path)
     if (path / "vae.json").is_file():
-        from .vae import LoRAVAE
+        from .vae_net import VAENet
 
-        return LoRAVAE.load(path)
+        return VAENet.load(path)
     if (path / "pca.json").is_file():
         from .pca import PCA
 
