@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -172,10 +173,18 @@ def test_cli_synthesize_sample_interpolate(model_dir, tmp_path):
     e = Synthesizer(model_dir).pack.read_embeddings([0])[0]
     np.save(tmp_path / "e.npy", e)
     threads = torch.get_num_threads()
-    assert main(["synthesize", "--embedding", str(tmp_path / "e.npy"), "--model", str(model_dir),
-                 "--samples", "2", "--threads", "1", "-o", str(tmp_path / "s.safetensors")]) == 0
+    old_umask = os.umask(0o022)
+    try:
+        assert main(["synthesize", "--embedding", str(tmp_path / "e.npy"), "--model", str(model_dir),
+                     "--samples", "2", "--threads", "1", "-o", str(tmp_path / "s.safetensors")]) == 0
+    finally:
+        os.umask(old_umask)
     assert torch.get_num_threads() == threads  # --threads applies to the command only
     assert (tmp_path / "s_0.safetensors").exists() and (tmp_path / "s_1.safetensors").exists()
+    # a file others can read (0644 under umask 022, not mkstemp's 0600) that says how to trigger it
+    assert stat.S_IMODE((tmp_path / "s_0.safetensors").stat().st_mode) == 0o644
+    tree = ModuleTree.from_specs(Synthesizer(model_dir).layout.modules)
+    assert load_lora(tmp_path / "s_0.safetensors", tree=tree).metadata["modelspec.trigger_phrase"] == "sks person"
     assert main(["sample", "--model", str(model_dir), "-n", "2", "-o", str(tmp_path / "new")]) == 0
     assert len(list((tmp_path / "new").glob("*.safetensors"))) == 2
     assert main(["interpolate", str(tmp_path / "s_0.safetensors"), str(tmp_path / "s_1.safetensors"),
