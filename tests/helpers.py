@@ -33,3 +33,28 @@ def sd15_lora(names: list[str], rank: int = 4, alpha: float = 8.0, seed: int = 0
 def max_delta_diff(a: LoRA, b: LoRA) -> float:
     assert set(a.modules) == set(b.modules)
     return max((a.modules[n].delta(torch.float64) - b.modules[n].delta(torch.float64)).abs().max().item() for n in a.modules)
+
+
+def build_tiny_model(root, identities: int, seed: int = 0, latent_dim: int = 16, steps: tuple[int, int] = (60, 80),
+                     batch_size: int = 64, hypernet: dict | None = None):
+    """A trained model folder ``root/model`` (VAE latent + hypernetwork) on a planted world in the tiny
+    layout, its pack at ``root/pack``. The planted 128-d embeddings stand in for dlib's, so photos can
+    be synthesized from too. ``steps``: (VAE, hypernetwork) training steps."""
+    from pathlib import Path
+
+    from lorasynth.model_training import train_hypernet, train_latent
+    from lorasynth.pack import PackWriter, open_pack
+    from lorasynth.synthesis_model import SynthesisModel
+    from lorasynth.synthetic import SyntheticWorldConfig, make_world, tiny_layout
+    from lorasynth.training import TrainConfig
+
+    root = Path(root)
+    world = make_world(SyntheticWorldConfig(identities, tiny_layout(), embed_dim=128, seed=seed))
+    with PackWriter(root / "pack", world.layout, world.n, 128, embedder="dlib") as writer:
+        for vectors, embeddings, ids in world.iter_batches():
+            writer.add_batch(vectors, embeddings, ids)
+    model = SynthesisModel.create(root / "model", open_pack(root / "pack"), heldout_frac=0.1)
+    quick = dict(batch_size=batch_size, progress=False, ckpt_every=10**9)
+    train_latent(model, "vae", latent_dim=latent_dim, train_cfg=TrainConfig(max_steps=steps[0], lr=2e-3, **quick))
+    train_hypernet(model, TrainConfig(max_steps=steps[1], lr=1e-3, **quick), hypernet or {"width": 64, "depth": 2})
+    return root / "model"

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import lorasynth
+from helpers import build_tiny_model
 from lorasynth.errors import LorasynthError, ModelError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,22 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from lorasynth.model_training import train_hypernet, train_latent
-    from lorasynth.pack import PackWriter, open_pack
-    from lorasynth.synthesis_model import SynthesisModel
-    from lorasynth.synthetic import SyntheticWorldConfig, make_world, tiny_layout
-    from lorasynth.training import TrainConfig
-
-    root = tmp_path_factory.mktemp("api_model")
-    world = make_world(SyntheticWorldConfig(120, tiny_layout(), embed_dim=128, seed=1))
-    with PackWriter(root / "pack", world.layout, world.n, 128, embedder="dlib") as writer:
-        for vectors, embeddings, ids in world.iter_batches():
-            writer.add_batch(vectors, embeddings, ids)
-    model = SynthesisModel.create(root / "model", open_pack(root / "pack"), heldout_frac=0.1)
-    quick = dict(batch_size=32, progress=False, ckpt_every=10**9)
-    train_latent(model, "vae", latent_dim=8, train_cfg=TrainConfig(max_steps=20, lr=2e-3, **quick))
-    train_hypernet(model, TrainConfig(max_steps=20, lr=1e-3, **quick), {"width": 32, "depth": 1})
-    return root / "model"
+    return build_tiny_model(tmp_path_factory.mktemp("api_model"), 120, seed=1, latent_dim=8, steps=(20, 20),
+                            batch_size=32, hypernet={"width": 32, "depth": 1})
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import build_tiny_model
 from lorasynth.errors import LorasynthError, ModelError
 from lorasynth.formats import ModuleTree, load_lora
 from lorasynth.synthesis import SynthesisSettings, Synthesizer, write_synthesized
@@ -16,24 +17,7 @@ from lorasynth.synthesis import SynthesisSettings, Synthesizer, write_synthesize
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from lorasynth.model_training import train_hypernet, train_latent
-    from lorasynth.pack import open_pack
-    from lorasynth.synthesis_model import SynthesisModel
-    from lorasynth.pack import PackWriter
-    from lorasynth.synthetic import SyntheticWorldConfig, make_world, tiny_layout
-    from lorasynth.training import TrainConfig
-
-    root = tmp_path_factory.mktemp("synth")
-    world = make_world(SyntheticWorldConfig(300, tiny_layout(), embed_dim=128, seed=0))
-    # the planted 128-d embeddings stand in for dlib's, so photos can be synthesized from too
-    with PackWriter(root / "pack", world.layout, world.n, 128, embedder="dlib") as writer:
-        for vectors, embeddings, ids in world.iter_batches():
-            writer.add_batch(vectors, embeddings, ids)
-    model = SynthesisModel.create(root / "model", open_pack(root / "pack"), heldout_frac=0.1)
-    quick = dict(batch_size=64, progress=False, ckpt_every=10**9)
-    train_latent(model, "vae", latent_dim=16, train_cfg=TrainConfig(max_steps=60, lr=2e-3, **quick))
-    train_hypernet(model, TrainConfig(max_steps=80, lr=1e-3, **quick), {"width": 64, "depth": 2})
-    return root / "model"
+    return build_tiny_model(tmp_path_factory.mktemp("synth"), 300, seed=0, latent_dim=16, steps=(60, 80))
 
 
 @pytest.fixture(scope="module")
