@@ -12,7 +12,11 @@ meant to find, with a known ground truth:
   canonical form (:func:`lorasynth.lora.canonicalize_module`, batched). The LoRAs lie near a
   curved ``k``-dimensional manifold in a ``D``-dimensional space;
 * its face embedding is a *different* nonlinear map of ``z_i`` (another tanh MLP), plus
-  noise, L2-normalised (as ArcFace / dlib embeddings are compared).
+  noise, L2-normalised (as ArcFace / dlib embeddings are compared). In the hard worlds the
+  noise is *photo noise* on the factors the embedding sees (``u = z + photo_noise * eps``, one
+  draw per photo, then the map): the embedding determines ``u``, so the true conditional of a
+  LoRA given its embedding is known in closed form (Gaussian posterior of ``z`` given ``u``,
+  prior for the hidden factors) and the world's oracle samples it exactly.
 
 Design choices that make the world a useful test:
 
@@ -75,7 +79,10 @@ class SyntheticWorldConfig:
         n_factors: hidden factors per identity (the manifold dimension).
         embed_dim: face-embedding size (ArcFace is 512, dlib 128).
         embed_noise: norm of the noise added to the unit signal embedding (before the final
-            normalisation): how much an embedding tells about its identity.
+            normalisation): how much an embedding tells about its identity. With it the
+            oracle knows more than the embedding shows (an upper bound, not exact).
+        photo_noise: std of the per-photo noise on the visible factors before the embedding
+            map (in units of their prior std); with ``embed_noise = 0`` the oracle is exact.
         seed: everything (maps, factors, noise) is drawn from it.
         hidden: width of the factors -> codes MLP.
         codes_per_module: code size per module (the module's basis count).
@@ -103,6 +110,7 @@ class SyntheticWorldConfig:
     n_factors: int = 8
     embed_dim: int = 128
     embed_noise: float = 0.05
+    photo_noise: float = 0.0
     seed: int = 0
     hidden: int = 64
     codes_per_module: int = 4
@@ -121,6 +129,13 @@ class SyntheticWorldConfig:
             raise ValueError(f"visible_fraction must be in (0, 1], got {self.visible_fraction}")
         if self.loras_per_person < 1 or self.hidden_factors < 0 or self.n_identities < 1:
             raise ValueError("n_identities and loras_per_person must be >= 1, hidden_factors >= 0")
+        if self.photo_noise < 0 or self.embed_noise < 0:
+            raise ValueError("photo_noise and embed_noise must be >= 0")
+
+    @property
+    def exact_oracle(self) -> bool:
+        """True when the embedding is a function of what the oracle conditions on (no embedding-space noise)."""
+        return self.embed_noise == 0
 
     @property
     def hard(self) -> bool:
@@ -165,6 +180,7 @@ class SyntheticWorld:
     _b2: np.ndarray = field(repr=False)
     _modules: list[_ModuleMaps] = field(repr=False)
     hidden: np.ndarray | None = None  # (P, h) float64: hidden factors per person
+    seen: np.ndarray | None = None  # (N, k) float64: the factors each row's photo shows (factors + photo noise)
     _hidden_maps: tuple | None = field(default=None, repr=False)  # (w1, b1, w2, b2) of h(z_hidden)
     _code_stats: tuple | None = field(default=None, repr=False)  # (mu_v, sd_v, mu_h, sd_h, typical sd)
 
@@ -242,19 +258,26 @@ class SyntheticWorld:
         """Exact samples of the true conditional distribution of rows ``idx`` given what their
         embeddings see: ``(len(idx), n_samples, D)`` float32.
 
-        Each sample keeps the row's visible factors and draws the hidden factors and the LoRA
-        noise afresh from their priors: the ideal "one sample" a hypernetwork could give, whose
-        average over many samples is the best possible point prediction and whose pairwise
-        spread is the spread a calibrated sampler should show. (It knows the visible factors
-        exactly, so with embedding noise it is an upper bound.)
+        Each sample draws the visible factors from their posterior given what the row's photo shows
+        (``z | u ~ N(u / (1 + s^2), s^2 / (1 + s^2))`` with ``s = photo_noise``; the factors
+        themselves without photo noise), the hidden factors and the LoRA noise afresh from their
+        priors: the ideal "one sample" a hypernetwork could give, whose average over many samples
+        is the best possible point prediction and whose pairwise spread is the spread a
+        calibrated sampler should show. Exact when ``embed_noise == 0`` (the embedding is a
+        function of ``u``); with embedding-space noise it knows more than the embedding shows
+        (an upper bound).
         """
         idx = self._check(idx)
         cfg, h = self.config, 0 if self.hidden is None else self.hidden.shape[1]
         out = np.empty((len(idx), n_samples, self.dim), dtype=np.float32)
         p = self.person[idx]
+        s2 = cfg.photo_noise**2
         for row, i in enumerate(idx):
             rng = _rng(cfg.seed, _ORACLE, seed, i)
-            z_vis = np.repeat(self.factors[p[row]][None], n_samples, axis=0)
+            if s2 > 0:
+                z_vis = self.seen[i] / (1 + s2) + math.sqrt(s2 / (1 + s2)) * rng.standard_normal((n_samples, self.seen.shape[1]))
+            else:
+                z_vis = np.repeat(self.factors[p[row]][None], n_samples, axis=0)
             z_hid = rng.standard_normal((n_samples, h)) if h else None
             noise = rng.standard_normal((n_samples, self.dim), dtype=np.float32)
             out[row] = self._assemble(self._codes_from(z_vis, z_hid), noise)
@@ -346,23 +369,24 @@ def make_world(cfg: SyntheticWorldConfig) -> SyntheticWorld:
         sd_v, sd_h = cv.std(0) + 1e-6, ch.std(0) + 1e-6
         world._code_stats = (cv.mean(0), sd_v, ch.mean(0), sd_h, float(sd_v.mean()))
         world.hidden = _rng(cfg.seed, _HIDDEN, 2).standard_normal((cfg.n_identities, h))
-    world.embeddings = _embed(factors, cfg)
+    world.seen = np.repeat(factors, cfg.loras_per_person, axis=0)
+    if cfg.photo_noise > 0:  # one photo per row: its own view of the person's factors
+        world.seen = world.seen + cfg.photo_noise * _rng(cfg.seed, _EMBED, 3).standard_normal(world.seen.shape)
+    world.embeddings = _embed(world.seen, cfg)
     return world
 
 
-def _embed(factors: np.ndarray, cfg: SyntheticWorldConfig) -> np.ndarray:
-    """Factors -> unit embeddings through a different random tanh MLP, plus noise."""
+def _embed(seen: np.ndarray, cfg: SyntheticWorldConfig) -> np.ndarray:
+    """Seen factors (one row per photo) -> unit embeddings through a different random tanh MLP, plus noise."""
     rng = _rng(cfg.seed, _EMBED)
-    k, hidden, e = factors.shape[1], 2 * cfg.hidden, cfg.embed_dim
+    k, hidden, e = seen.shape[1], 2 * cfg.hidden, cfg.embed_dim
     v1 = rng.standard_normal((k, hidden)) * cfg.gain / math.sqrt(k)
     c1 = rng.standard_normal(hidden) * 0.5
     v2 = rng.standard_normal((hidden, e)) / math.sqrt(hidden)
     reference = _rng(cfg.seed, _EMBED, 2).standard_normal((4096, k))  # fixed centring, independent of N
-    signal = np.tanh(factors @ v1 + c1) @ v2
+    signal = np.tanh(seen @ v1 + c1) @ v2
     signal -= (np.tanh(reference @ v1 + c1) @ v2).mean(axis=0, keepdims=True)
     signal /= np.linalg.norm(signal, axis=1, keepdims=True) + 1e-12
-    if cfg.loras_per_person > 1:  # one photo per LoRA: the person's signal, the row's noise
-        signal = np.repeat(signal, cfg.loras_per_person, axis=0)
     noise = _rng(cfg.seed, _EMBED, 1).standard_normal(signal.shape) * cfg.embed_noise / math.sqrt(e)
     emb = signal + noise
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
@@ -397,18 +421,21 @@ def write_world_pack(world: SyntheticWorld, out_dir: str | Path, idx: Sequence[i
 
 
 def hard_world_config(n_identities: int, layout: Layout | str = "tiny", visible_fraction: float = 0.6,
-                      loras_per_person: int = 2, embed_noise: float = 0.1, gain: float = 1.5,
+                      loras_per_person: int = 2, photo_noise: float = 0.3, embed_noise: float = 0.0, gain: float = 1.5,
                       hidden_factors: int = 8, lora_noise: float = 0.1, embed_dim: int = 128,
                       seed: int = 0) -> SyntheticWorldConfig:
     """A hard world: the embedding sees ``visible_fraction`` of each LoRA's code variance.
 
     ``layout``: a :class:`Layout`, ``"tiny"`` or ``"w2w"``. ``gain`` sets the nonlinearity of
-    the maps (tanh pre-activation scale), ``embed_noise`` the photo-to-photo noise of the
-    embedding, ``lora_noise`` the run-to-run noise of a person's LoRAs.
+    the maps (tanh pre-activation scale), ``photo_noise`` the photo-to-photo noise on the factors
+    the embedding sees (the oracle stays exact), ``embed_noise`` extra noise on the embedding
+    itself (then the oracle is only an upper bound), ``lora_noise`` the run-to-run noise of a
+    person's LoRAs.
     """
     if isinstance(layout, str):
         layout = {"tiny": tiny_layout, "w2w": Layout.w2w}[layout]()
-    return SyntheticWorldConfig(n_identities, layout, embed_dim=embed_dim, embed_noise=embed_noise, seed=seed,
+    return SyntheticWorldConfig(n_identities, layout, embed_dim=embed_dim, embed_noise=embed_noise,
+                                photo_noise=photo_noise, seed=seed,
                                 gain=gain, lora_noise=lora_noise, hidden_factors=hidden_factors,
                                 visible_fraction=visible_fraction, loras_per_person=loras_per_person)
 
@@ -418,6 +445,6 @@ QUALITY_GRID: dict[str, dict] = {
     "tiny-vis30": dict(layout="tiny", visible_fraction=0.3),
     "tiny-vis60": dict(layout="tiny", visible_fraction=0.6),
     "tiny-vis95": dict(layout="tiny", visible_fraction=0.95),
-    "tiny-vis60-curved": dict(layout="tiny", visible_fraction=0.6, gain=2.5, embed_noise=0.3),
+    "tiny-vis60-curved": dict(layout="tiny", visible_fraction=0.6, gain=2.5, photo_noise=0.5),
     "w2w-vis60": dict(layout="w2w", visible_fraction=0.6),
 }

@@ -169,3 +169,23 @@ def test_split_by_person_keeps_every_person_on_one_side():
     np.testing.assert_array_equal(te, split_by_person(ids, 0.1, 0.2, seed=4)[2])
     with pytest.raises(ValueError):
         split_by_person(ids, 0.5, 0.6)
+
+
+def test_oracle_is_exact_the_truth_is_one_more_draw_of_it():
+    """With photo noise, the oracle draws the visible factors from their posterior given the photo:
+    the truth is distributed as one more oracle sample (a sample matches the truth as well as it
+    matches another sample), and the oracle is wider than one that knows the factors themselves."""
+    from lorasynth.evaluate import sample_scores
+    from lorasynth.synthetic import hard_world_config
+
+    scores = {}
+    for noise in (0.5, 0.0):
+        w = make_world(hard_world_config(300, "tiny", visible_fraction=0.6, loras_per_person=1, seed=4, photo_noise=noise))
+        assert w.config.exact_oracle
+        rows = np.arange(300)
+        scores[noise] = s = sample_scores(w.layout, w.oracle_vectors(rows, 8, seed=2).astype(np.float64),
+                                          w.vectors(rows).astype(np.float64))
+        assert abs(s["pairwise_cosine"] - s["one_sample"]) < 0.02, s
+    assert scores[0.5]["pairwise_cosine"] < scores[0.0]["pairwise_cosine"] - 0.05
+    assert scores[0.5]["mean_of_n"] < scores[0.0]["mean_of_n"] - 0.03
+    assert not make_world(hard_world_config(10, "tiny", embed_noise=0.1)).config.exact_oracle
