@@ -38,7 +38,7 @@ import torch
 
 from .errors import LorasynthError
 from .formats.safe_io import atomic_write, write_text
-from .layout import _module_factor_views, delta_inner
+from .layout import _module_factor_views, delta_gram, delta_inner  # noqa: F401  (delta_gram re-exported)
 from .synthesis import SynthesisSettings, Synthesizer
 
 #: Settings tried when blend is tuned on validation.
@@ -51,19 +51,6 @@ class LeakError(LorasynthError):
 
 
 # --------------------------------------------------------------------------- delta-W geometry
-
-
-def delta_gram(layout, x, y) -> np.ndarray:
-    """All ``<dW(x_i), dW(y_j)>`` (float64 ``(len x, len y)``), from factors (never forms dW)."""
-    x = torch.atleast_2d(torch.as_tensor(np.asarray(x), dtype=torch.float64))
-    y = torch.atleast_2d(torch.as_tensor(np.asarray(y), dtype=torch.float64))
-    out = torch.zeros(len(x), len(y), dtype=torch.float64)
-    for (bx, ax), (by, ay) in zip(_module_factor_views(layout, x), _module_factor_views(layout, y)):
-        r = bx.shape[2]
-        for i in range(r):
-            for j in range(r):
-                out += (bx[:, :, i] @ by[:, :, j].T) * (ax[:, i, :] @ ay[:, j, :].T)
-    return out.numpy()
 
 
 def _self_inner(layout, x) -> np.ndarray:
@@ -307,6 +294,11 @@ def evaluate(syn: Synthesizer, strategies=("diffusion", "blend", "nearest"), max
         centred = syn.decode(zc).astype(np.float64).reshape(len(test), n, -1)
         sc = sample_scores(layout, centred, truth)
         ss["mean_of_n"], ss["mean_of_n_relative_error"] = sc["mean_of_n"], sc["mean_of_n_relative_error"]
+        # the expectation (synthesize --average): the exact mean delta W of the model's samples
+        ze = syn.hypernet.expected_latents(torch.from_numpy(cond))
+        points = syn.decode(ze).astype(np.float64).reshape(len(test), -1, samples.shape[-1])
+        st["diffusion_expected"] = {"delta_cosine_mean": sample_scores(layout, points, truth)["mean_of_n"],
+                                    "n": int(len(test)), "sigma_points": int(points.shape[1])}
         first = samples[:, 0]
         st["diffusion"] = _point_scores(layout, first, truth, tt)
         st["diffusion"]["delta_cosine_mean"] = ss["one_sample"]  # expected score of one sample

@@ -236,6 +236,41 @@ def delta_inner(layout: Layout, x, y) -> torch.Tensor:
     return total
 
 
+def delta_gram(layout, x, y) -> np.ndarray:
+    """All ``<dW(x_i), dW(y_j)>`` (float64 ``(len x, len y)``), from factors (never forms dW)."""
+    x = torch.atleast_2d(torch.as_tensor(np.asarray(x), dtype=torch.float64))
+    y = torch.atleast_2d(torch.as_tensor(np.asarray(y), dtype=torch.float64))
+    out = torch.zeros(len(x), len(y), dtype=torch.float64)
+    for (bx, ax), (by, ay) in zip(_module_factor_views(layout, x), _module_factor_views(layout, y)):
+        r = bx.shape[2]
+        for i in range(r):
+            for j in range(r):
+                out += (bx[:, :, i] @ by[:, :, j].T) * (ax[:, i, :] @ ay[:, j, :].T)
+    return out.numpy()
+
+
+def delta_energy_scores(layout: Layout, samples, truth) -> np.ndarray:
+    """Energy score of each row in delta-W space (Frobenius distances): ``samples`` (n, S, D) flat
+    vectors for ``truth`` (n, D) -> (n,); lower is better.
+
+    ``E||dW(X) - dW(y)|| - 0.5 E||dW(X) - dW(X')||``: strictly proper for the distribution of the
+    update a LoRA makes, which is what a LoRA's user sees (distances in a latent space weigh
+    directions by how they vary, not by what they do to the weights).
+    """
+    samples, truth = np.asarray(samples, dtype=np.float64), np.asarray(truth, dtype=np.float64)
+    n, s = samples.shape[:2]
+    out = np.empty(n)
+    for i in range(n):
+        g = delta_gram(layout, samples[i], samples[i])
+        st = delta_gram(layout, samples[i], truth[i : i + 1])[:, 0]
+        tt = delta_gram(layout, truth[i : i + 1], truth[i : i + 1])[0, 0]
+        d = np.diag(g)
+        fit = np.sqrt(np.maximum(d + tt - 2 * st, 0)).mean()
+        pair = np.sqrt(np.maximum(d[:, None] + d[None, :] - 2 * g, 0)).sum() / max(s * (s - 1), 1)
+        out[i] = fit - 0.5 * pair
+    return out
+
+
 def delta_cosine(layout: Layout, x, y) -> torch.Tensor:
     """Cosine between the concatenated ``delta W`` of all modules of flat vectors ``x`` and ``y``.
 

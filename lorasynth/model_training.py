@@ -77,6 +77,26 @@ def train_latent(model: SynthesisModel, kind: str = "pca", latent_dim: int = 512
     return latent
 
 
+def delta_energy(latent, layout, max_rows: int = 200):
+    """Energy scores in delta-W space for raw latents: ``f(samples (n, S, K), truth (n, K)) -> (n,)``.
+
+    The hypernetwork's settings chosen on validation people (the residual model's neighbours, the
+    sampler and its temperature) are scored by what the decoded LoRAs do to the weights
+    (:func:`lorasynth.layout.delta_energy_scores`), on at most ``max_rows`` rows.
+    """
+    from .layout import delta_energy_scores
+
+    @torch.no_grad()
+    def energy(samples: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+        samples, truth = samples[:max_rows], truth[:max_rows]
+        n, s, k = samples.shape
+        dec = lambda z: latent.destandardize(latent.decode(z.float())).double().cpu().numpy()  # noqa: E731
+        vs = dec(samples.reshape(n * s, k)).reshape(n, s, -1)
+        return torch.from_numpy(delta_energy_scores(layout, vs, dec(truth)))
+
+    return energy
+
+
 def train_hypernet(model: SynthesisModel, train_cfg: TrainConfig | None = None, overrides: dict | None = None,
                    resume: bool = False, calibrate: bool = True):
     """Encode the rows with the latent model, fit the mean, train the residual diffusion, calibrate
@@ -101,8 +121,9 @@ def train_hypernet(model: SynthesisModel, train_cfg: TrainConfig | None = None, 
 
     persons = {}
     groups = torch.tensor([persons.setdefault(person_key(pack.ids[int(r)]), len(persons)) for r in train_idx])
+    energy = delta_energy(latent, pack.layout)
     net = HypernetDiffusion.for_data(z, cond, HypernetConfig(**(overrides or {})), val=val, seed=cfg.seed, lr=cfg.lr,
-                                     groups=groups)
+                                     groups=groups, energy=energy)
     batch = min(cfg.batch_size, len(z))
     loader = net.train_dataloader_for(batch, cfg.max_steps, cfg.seed)
     fit(net, loader, model.train_dir("hypernet"), cfg, resume=resume)
@@ -112,8 +133,9 @@ def train_hypernet(model: SynthesisModel, train_cfg: TrainConfig | None = None, 
     if is_global_zero():  # calibration and export on rank 0 alone; the others wait at the barrier
         hyper = net.hypernet()
         if calibrate and val is not None:
-            net.calibration = calibrate_sampling(hyper, val[0], val[1], seed=cfg.seed)
-        hyper.export(model.hypernet_dir, extra={"mean": net.mean_report, "calibration": net.calibration})
+            net.calibration = calibrate_sampling(hyper, val[0], val[1], seed=cfg.seed, energy=energy)
+        hyper.export(model.hypernet_dir, extra={"mean": net.mean_report, "calibration": net.calibration,
+                                                "covariance": net.cov_report, "residual_pairs": net.pair_report})
         model.save()
     barrier()
     return net

@@ -42,13 +42,16 @@ class SynthesisSettings:
     samples: int = 1
     k: int = 8  # blend: neighbours
     temperature: float = 0.05  # blend: softmax temperature on cosine similarity
-    average: bool = False  # diffusion: one LoRA, the exact mean delta W of the `samples` samples
+    # diffusion: ONE LoRA. samples=1: the model's expected delta W for the face, in closed form
+    # (Hypernet.expected_latents; the limit of the mean of N samples); samples=N: the exact mean of N
+    average: bool = False
+    average_rank: int = 32  # rank of the expected-delta-W LoRA (optimal SVD truncation, error recorded)
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
             raise LorasynthError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if self.samples < 1 or self.k < 1 or self.temperature <= 0:
-            raise LorasynthError("samples and k must be >= 1 and temperature > 0")
+        if self.samples < 1 or self.k < 1 or self.temperature <= 0 or self.average_rank < 1:
+            raise LorasynthError("samples, k and average_rank must be >= 1 and temperature > 0")
         if self.samples > MAX_SAMPLES:
             raise LorasynthError(f"--samples {self.samples} is more than {MAX_SAMPLES} at once; run several seeds instead")
 
@@ -95,8 +98,11 @@ class Synthesizer:
 
     def __call__(self, photo=None, *, embedding=None, strategy: str = "diffusion", seed: int = 0,
                  guidance: float | None = None, steps: int | None = None, k: int = 8, temperature: float = 0.05,
-                 face_index: int | None = None) -> LoRA:
+                 face_index: int | None = None, average: bool = False) -> LoRA:
         """One LoRA for a face ``photo`` (path, PIL image or RGB array) or a face ``embedding``.
+
+        ``average=True`` (diffusion): the model's expected delta W for the face (fidelity) instead
+        of one sample (variety: try several seeds).
 
         ``strategy``: ``"diffusion"`` (default), ``"blend"`` (top-``k`` library neighbours),
         ``"nearest"``, or ``"sample"`` (a new identity; no photo). The LoRA's ``metadata`` holds
@@ -112,7 +118,7 @@ class Synthesizer:
             embedding, _ = self.embed_photo(photo, face_index)
             source = Path(photo).name if isinstance(photo, (str, Path)) else ""
         settings = SynthesisSettings(strategy=strategy, guidance=guidance, steps=steps, seed=seed, k=k,
-                                     temperature=temperature)
+                                     temperature=temperature, average=average)
         return self.synthesize(embedding, settings, source=source)[0].lora
 
     # ---------------------------------------------------------------- lazy parts
@@ -228,6 +234,8 @@ class Synthesizer:
         if embedding is None:
             raise LorasynthError(f"strategy {s.strategy} needs a face photo or embedding")
         e = self.check_embedding(embedding)
+        if s.strategy == "diffusion" and s.average and s.samples == 1:
+            return [self._expected(e, s, prov, t0)]
         if s.strategy == "diffusion":
             z = self.diffusion_latents(e, s)
             g = s.guidance if s.guidance is not None else self.hypernet.sampling_defaults.get("guidance")
@@ -253,6 +261,20 @@ class Synthesizer:
             {"ids": [self.pack.ids[r] for r in rows], "cosine": sims.round(4).tolist(), "weights": weights.round(4).tolist()})
         lora.metadata.update(prov)
         return [Synthesized(lora, prov, None, {"sampling_s": time.perf_counter() - t0})]
+
+    def _expected(self, e: np.ndarray, s: SynthesisSettings, prov: dict, t0: float) -> Synthesized:
+        """One LoRA: the model's expected delta W for the face (exact mean over sigma points, then the
+        optimal rank-``average_rank`` truncation; its relative error is in the metadata)."""
+        z = self.hypernet.expected_latents(torch.from_numpy(np.atleast_2d(e)).float())
+        t1 = time.perf_counter()
+        loras = [self.layout.unflatten(torch.from_numpy(v)) for v in self.decode(z)]
+        n = len(loras)
+        lora, report = blend_loras(loras, [1.0 / n] * n, rank=s.average_rank)
+        meta = dict(prov, **{"lorasynth.average_of": "expectation", "lorasynth.sigma_points": str(n),
+                             "lorasynth.average_rank": str(report.rank),
+                             "lorasynth.average_rank_error": f"{report.overall_error:.3g}"})
+        lora.metadata.update(meta)
+        return Synthesized(lora, meta, None, {"sampling_s": t1 - t0, "decoding_s": time.perf_counter() - t1})
 
     def _average(self, results: list[Synthesized], prov: dict) -> Synthesized:
         """One LoRA whose delta W is exactly the mean of the samples' (ranks concatenate)."""

@@ -156,8 +156,11 @@ def register(sub) -> None:
                    help="diffusion: the hypernetwork; blend: top-k library LoRAs; nearest: the closest library LoRA")
     p.add_argument("--samples", type=int, default=1, help="how many LoRAs (diffusion): OUT gets _0, _1... suffixes")
     p.add_argument("--average", action="store_true",
-                   help="with --samples N: write ONE LoRA, the exact mean delta W of the N samples "
-                        "(fidelity: closest to the person on average; one sample gives variety)")
+                   help="write ONE LoRA for fidelity: the model's expected delta W for the face (closed form, "
+                        "the limit of averaging many samples); with --samples N the exact mean of N samples. "
+                        "Without it: samples, for variety (pick the best-looking)")
+    p.add_argument("--average-rank", type=int, default=32,
+                   help="rank of the --average LoRA (optimal truncation; its error is in the metadata)")
     p.add_argument("--k", type=int, default=8, help="blend: neighbours")
     p.add_argument("--temperature", type=float, default=0.05, help="blend: softmax temperature")
     p.add_argument("--face-index", type=int, default=None, help="which face (0 = largest)")
@@ -300,6 +303,7 @@ def _settings(args, strategy: str):
     return SynthesisSettings(strategy=strategy, guidance=args.guidance, steps=args.steps, seed=args.seed,
                              samples=getattr(args, "samples", 1), k=getattr(args, "k", 8),
                              average=getattr(args, "average", False),
+                             average_rank=getattr(args, "average_rank", 32),
                              temperature=getattr(args, "temperature", 0.05))
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import lightning
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..errors import ModelError
 from .model import (  # noqa: F401  (re-exported: older code imports them from here)
@@ -41,7 +41,25 @@ from .model import (  # noqa: F401  (re-exported: older code imports them from h
     Hypernet,
     HypernetConfig,
 )
-from .regression import MIX_GRID, _mse, cross_fit_neighbours, fit_kernel_mean, fit_neighbour_mean, make_folds
+from .regression import (MIX_GRID, _mse, choose_pair_neighbours, cross_fit_neighbours, fit_kernel_mean,
+                         fit_local_covariance, fit_neighbour_mean, make_folds, top_neighbours)
+
+
+class NeighbourPairs(Dataset):
+    """Training pairs ``(x0 of row j, condition of row i)`` for every row ``i`` and each ``j`` of its
+    ``k`` nearest training rows (itself included): the kernel-smoothed sample of the conditional
+    residual distribution that a face's one or two LoRAs cannot give alone."""
+
+    def __init__(self, x0: Tensor, conds: Tensor, neighbours: Tensor) -> None:
+        self.x0, self.conds, self.neighbours = x0, conds, neighbours
+        self.k = neighbours.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.conds) * self.k
+
+    def __getitem__(self, idx: int):
+        i, slot = divmod(int(idx), self.k)
+        return self.x0[self.neighbours[i, slot]], self.conds[i]
 
 
 def _as_pairs(latents: Tensor, conds: Tensor) -> tuple[Tensor, Tensor]:
@@ -96,6 +114,9 @@ class HypernetDiffusion(lightning.LightningModule):
         self.train_pairs: tuple[Tensor, Tensor] | None = None
         self.val_pairs: tuple[Tensor, Tensor] | None = None
         self.mean_report: dict = {}
+        self.cov_report: dict | None = None
+        self.pair_neighbours: Tensor | None = None  # (n, k) training rows whose residuals pair with row i
+        self.pair_report: dict | None = None
 
     @property
     def config(self) -> HypernetConfig:
@@ -109,24 +130,26 @@ class HypernetDiffusion(lightning.LightningModule):
     @classmethod
     def for_data(cls, latents: Tensor, conds: Tensor, config: HypernetConfig | None = None,
                  val: tuple[Tensor, Tensor] | None = None, seed: int = 0, groups: Tensor | None = None,
-                 **kwargs: Any) -> "HypernetDiffusion":
+                 energy=None, **kwargs: Any) -> "HypernetDiffusion":
         """A module sized for ``latents`` (N, K) / ``conds`` (N, C), statistics and mean fitted.
 
         ``val``: validation (latents, conds) of people not in training: they choose the mean's
         kernel width and ridge, the neighbour mean's k and temperature and the mix of the two
         (else 5-fold cross-validation of the ridge alone). ``groups``: a person id per training
-        row (cross-fitting folds keep a person's LoRAs together).
+        row (cross-fitting folds keep a person's LoRAs together). ``energy(samples (n, S, K),
+        truth (n, K)) -> (n,)``: the score (raw latents, lower is better) that chooses the
+        residual model's neighbours (default: Euclidean energy score in raw latent units).
         """
         latents, conds = _as_pairs(latents, conds)
         base = (config or HypernetConfig()).to_dict()
         base.update(latent_dim=latents.shape[1], cond_dim=conds.shape[1])
         module = cls(HypernetConfig.from_dict(base), **kwargs)
-        module.set_data(latents, conds, val, seed, groups)
+        module.set_data(latents, conds, val, seed, groups, energy)
         return module
 
     @torch.no_grad()
     def set_data(self, latents: Tensor, conds: Tensor, val: tuple[Tensor, Tensor] | None = None, seed: int = 0,
-                 groups: Tensor | None = None) -> None:
+                 groups: Tensor | None = None, energy=None) -> None:
         """Statistics, closed-form mean and the (cross-fitted) diffusion training pairs."""
         latents, conds = _as_pairs(latents, conds)
         m = self.model
@@ -160,9 +183,43 @@ class HypernetDiffusion(lightning.LightningModule):
             resid = zn
         rstd = resid.std(0)
         m.resid_std.copy_(rstd.clamp_min(max(float(rstd.median()) * 1e-3, 1e-8)))
+        m.cov_cond, m.cov_resid = m.cov_cond[:0], m.cov_resid[:0]
+        self.cov_report = None
+        if self.config.residual_mean and self.config.local_covariance and vz is not None and len(resid) > 1:
+            self._fit_local_covariance(conds, resid, torch.as_tensor(val[1]).float(), vz - m.conditional_mean(vc))
+        self.pair_neighbours = self.pair_report = None
+        if self.config.residual_mean and self.config.residual_condition:
+            k = self.config.pair_neighbours
+            if not k and vz is not None:
+                vm = m.conditional_mean(vc)
+                score = None if energy is None else (
+                    lambda xs, t: energy(m.denormalize_latent(xs), m.denormalize_latent(t)))
+                k, self.pair_report = choose_pair_neighbours(conds, resid, torch.as_tensor(val[1]).float(), vz - vm,
+                                                             m.latent_std, seed=seed, val_mean=vm, energy=score)
+            self.pair_neighbours = top_neighbours(conds, conds, int(k or 16))
+        if m.local_covariance:
+            self.train_pairs = (resid @ m.resid_whiten.T, cn)
+            self.val_pairs = ((vz - m.conditional_mean(vc)) @ m.resid_whiten.T, vc)
+            return
         self.train_pairs = (resid / m.resid_std, cn)
         if vz is not None:
             self.val_pairs = ((vz - m.conditional_mean(vc)) / m.resid_std, vc)
+
+    @torch.no_grad()
+    def _fit_local_covariance(self, cond_raw: Tensor, resid: Tensor, val_raw: Tensor, val_resid: Tensor) -> None:
+        """Global whitening of the residuals and their local covariance, chosen on validation people."""
+        m = self.model
+        cov, self.cov_report = fit_local_covariance(cond_raw, resid, val_raw, val_resid)
+        # the diffusion's space: raw latent units over one global scale (not whitened: directions
+        # keep the weight they have in the LoRA; whitening gave the many low-variance directions
+        # as much of the loss as the few that carry the structure, and blurred the samples)
+        raw_rms = (resid * m.latent_std).pow(2).mean().sqrt().clamp_min(1e-12)
+        m.resid_cov.copy_(cov.global_cov)
+        m.resid_whiten.copy_(torch.diag(m.latent_std / raw_rms))
+        m.cov_cond, m.cov_resid = cov.cond.clone(), cov.resid.clone()
+        m.cov_k.fill_(cov.k)
+        m.cov_tau.fill_(cov.tau)
+        m.cov_shrink.fill_(cov.shrink)
 
     @torch.no_grad()
     def _fit_neighbour_mix(self, cond_raw, zn, kr_resid, val_raw, vz, vc, weight, fold) -> Tensor:
@@ -189,15 +246,16 @@ class HypernetDiffusion(lightning.LightningModule):
         from ..training import StepSampler
 
         x0, conds = _as_pairs(*self.train_pairs)
-        batch_size = min(batch_size, len(x0))
+        data = TensorDataset(x0, conds) if self.pair_neighbours is None else NeighbourPairs(x0, conds, self.pair_neighbours)
+        batch_size = min(batch_size, len(data))
         # this rank's slice of every global batch (DDP); one process: a reshuffled long epoch
-        return DataLoader(TensorDataset(x0, conds), batch_size=batch_size, drop_last=True,
-                          sampler=StepSampler(len(x0), batch_size, max_steps, seed))
+        return DataLoader(data, batch_size=batch_size, drop_last=True,
+                          sampler=StepSampler(len(data), batch_size, max_steps, seed))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Resize the data-sized buffers (landmarks, coef) to the checkpoint's before loading."""
+        """Resize the data-sized buffers (landmarks, coef, ...) to the checkpoint's before loading."""
         state = checkpoint.get("state_dict", {})
-        for key in ("landmarks", "coef"):
+        for key in ("landmarks", "coef", "nb_cond", "nb_z", "cov_cond", "cov_resid"):
             t = state.get(f"model.{key}")
             if t is not None:
                 setattr(self.model, key, torch.zeros_like(t))
@@ -316,8 +374,8 @@ TEMPERATURE_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)
 
 @torch.no_grad()
 def calibrate_sampling(model: Hypernet, val_latents: Tensor, val_conds: Tensor, samples: int = 4,
-                       grid=CALIBRATION_GRID, seed: int = 0, max_rows: int = 400, spread: bool = False,
-                       temperatures=TEMPERATURE_GRID) -> dict:
+                       grid=CALIBRATION_GRID, seed: int = 0, max_rows: int = 400,
+                       temperatures=TEMPERATURE_GRID, energy=None) -> dict:
     """Choose the sampler settings and the residual temperature on validation people; updates ``model``.
 
     For every ``(num_steps, eta, guidance)`` of ``grid`` and every temperature (a factor on the
@@ -326,29 +384,26 @@ def calibrate_sampling(model: Hypernet, val_latents: Tensor, val_conds: Tensor, 
     strictly proper scoring rule: it rewards the right spread, not the oracle's). The sampler
     setting with the best score at temperature 1 is kept; a temperature other than 1 only when
     it beats temperature 1 by more than twice the standard error of the paired difference over
-    the validation rows (else the choice would follow sampling noise). ``spread=True`` first rescales the sampled residuals per dimension to the variance
-    of the validation residuals (clamped to [0.5, 2]); off by default: validation residuals also
-    hold the error of the estimated mean, so matching them over-spreads samples.
+    the validation rows (else the choice would follow sampling noise). The residual is linear in
+    the diffusion's sample, so a temperature scales it exactly. ``energy(samples (n, S, K), truth
+    (n, K)) -> (n,)`` on raw latents replaces the Euclidean energy score (e.g. one in delta-W space,
+    :func:`lorasynth.model_training.delta_energy`).
     """
     z = torch.as_tensor(val_latents, dtype=torch.float32)[:max_rows]
     c = torch.as_tensor(val_conds, dtype=torch.float32)[:max_rows]
     zn, cn = model.normalize_latent(z), model.normalize_cond(c)
     mean = model.conditional_mean(cn)
-    target = ((zn - mean) / model.resid_std).pow(2).mean(0)
     model.spread_scale.fill_(1.0)
     std = model.latent_std
-    scores, scales, rows = {}, {}, {}
+    scores, rows = {}, {}
     for steps, eta, g in grid:
         x = model.sample(c, num_steps=steps, eta=eta, guidance=g, seed=seed, n_samples=samples)
-        x0 = ((model.normalize_latent(x).view(len(c), samples, -1) - mean[:, None]) / model.resid_std)
-        scale = (target / x0.pow(2).mean(dim=(0, 1)).clamp_min(1e-8)).sqrt().clamp(0.5, 2.0)
-        if not spread:
-            scale = torch.ones_like(scale)
+        res = model.normalize_latent(x).view(len(c), samples, -1) - mean[:, None]
         for temp in sorted(set(temperatures) | {1.0}):
-            xs = mean[:, None] + model.resid_std * (temp * scale) * x0
-            rows[(steps, eta, g, temp)] = energy_scores(xs * std, zn * std)
+            xs = mean[:, None] + temp * res
+            rows[(steps, eta, g, temp)] = (energy_scores(xs * std, zn * std) if energy is None else
+                                           energy(model.denormalize_latent(xs), z).float())
             scores[(steps, eta, g, temp)] = float(rows[(steps, eta, g, temp)].mean())
-            scales[(steps, eta, g, temp)] = temp * scale
     steps, eta, g = min(grid, key=lambda s_: scores[(*s_, 1.0)])
     one = (steps, eta, g, 1.0)
     key = min((k for k in scores if k[:3] == one[:3]), key=scores.get)
@@ -356,11 +411,10 @@ def calibrate_sampling(model: Hypernet, val_latents: Tensor, val_conds: Tensor, 
     if key != one and float(diff.mean()) <= 2 * float(diff.std()) / max(len(diff), 1) ** 0.5:
         key = one
     best, temp = scores[key], key[3]
-    model.spread_scale.copy_(scales[key])
+    model.spread_scale.fill_(temp)
     model.sampling_defaults.update(num_steps=steps, eta=eta, guidance=g, scheduler="ddim")
     return {"chosen": {"num_steps": steps, "eta": eta, "guidance": g, "temperature": temp}, "energy_score": best,
             "energy_score_at_temperature_1": scores[one],
             "best_temperature_by_mean": min((k for k in scores if k[:3] == one[:3]), key=scores.get)[3],
-            "spread_scale_mean": float(scales[key].mean()),
             "grid": {f"steps={s},eta={e:g},guidance={gg:g},temperature={t:g}": v for (s, e, gg, t), v in scores.items()},
-            "on": f"{len(c)} validation rows, energy score in raw latent units"}
+            "on": f"{len(c)} validation rows, energy score " + ("in raw latent units" if energy is None else "of delta W")}

@@ -50,11 +50,12 @@ DEFAULT_GUIDANCE = 1.0
 DEFAULT_ETA = 0.0
 DEFAULT_SCHEDULER = "ddim"
 
+_COV_KEYS = ("cov_cond", "cov_resid", "cov_k", "cov_tau", "cov_shrink", "resid_cov", "resid_whiten")
 _STAT_KEYS = ("latent_mean", "latent_std", "cond_mean", "cond_scale", "resid_std", "spread_scale", "landmarks", "coef",
-              "gamma", "nb_cond", "nb_z", "nb_k", "nb_tau", "mix")
+              "gamma", "nb_cond", "nb_z", "nb_k", "nb_tau", "mix") + _COV_KEYS
 #: Keys a file may lack (written before they existed): the defaults keep the old behaviour.
-_OPTIONAL_KEYS = ("spread_scale", "nb_cond", "nb_z", "nb_k", "nb_tau", "mix")
-_RESIZABLE_KEYS = ("landmarks", "coef", "nb_cond", "nb_z")
+_OPTIONAL_KEYS = ("spread_scale", "nb_cond", "nb_z", "nb_k", "nb_tau", "mix") + _COV_KEYS
+_RESIZABLE_KEYS = ("landmarks", "coef", "nb_cond", "nb_z", "cov_cond", "cov_resid")
 
 
 @dataclass
@@ -79,10 +80,18 @@ class HypernetConfig:
     residual_mean: model ``z - mean(embedding)`` with a closed-form kernel-ridge mean (default);
         False = the diffusion models the whole latent.
     mean_landmarks: landmark embeddings of the kernel ridge mean (Nystroem).
-    residual_condition: condition the residual diffusion on the embedding too (default False:
-        with one LoRA per person the conditional residual distribution of a training embedding is
-        a single point, and a conditioned denoiser learns those points: its samples for a new
-        face collapse; the unconditional residual model keeps the spread).
+    residual_condition: condition the residual diffusion on the embedding (default True). It is
+        trained on pairs (a face, the residual of one of its ``pair_neighbours`` nearest training
+        faces): with one LoRA per face, pairs of a face with its own residual alone taught the old
+        conditioned denoiser single points, and its samples for a new face collapsed. False = an
+        unconditional residual model (the same spread for every face).
+    pair_neighbours: neighbours per face of those pairs (0 = chosen on validation people by the
+        energy score, :func:`~lorasynth.hypernet.regression.choose_pair_neighbours`; 16 without
+        validation rows).
+    local_covariance: fit the face-dependent residual covariance
+        (:class:`~lorasynth.hypernet.regression.LocalCovariance`, chosen on validation people) that
+        gives the expected delta W in closed form (``synthesize --average``), and whiten the
+        residuals the diffusion models (default True; needs validation rows).
     """
 
     latent_dim: int = 512
@@ -100,7 +109,9 @@ class HypernetConfig:
     dropout: float = 0.1
     residual_mean: bool = True
     mean_landmarks: int = 1024
-    residual_condition: bool = False
+    residual_condition: bool = True
+    pair_neighbours: int = 0
+    local_covariance: bool = True
 
     def __post_init__(self) -> None:
         if self.prediction not in PREDICTION_TYPES:
@@ -269,6 +280,17 @@ class Hypernet(nn.Module):
         self.register_buffer("nb_k", torch.zeros((), dtype=torch.long))
         self.register_buffer("nb_tau", torch.ones(()))
         self.register_buffer("mix", torch.ones(()))
+        # the diffusion models ``x0 = resid_whiten @ r`` (residuals in raw latent units over one
+        # global scale); the local residual covariance (regression.LocalCovariance, with its
+        # global ``resid_cov``) gives the expected delta W in closed form.
+        # Empty ``cov_resid``: the older per-dimension model ``r = resid_std * x0``.
+        self.register_buffer("cov_cond", torch.zeros(0, c))
+        self.register_buffer("cov_resid", torch.zeros(0, k))
+        self.register_buffer("cov_k", torch.zeros((), dtype=torch.long))
+        self.register_buffer("cov_tau", torch.ones(()))
+        self.register_buffer("cov_shrink", torch.ones(()))
+        self.register_buffer("resid_cov", torch.eye(k))
+        self.register_buffer("resid_whiten", torch.eye(k))
         self.register_buffer("alphas_cumprod", alphas_cumprod(config).float(), persistent=False)
         #: Sampling settings recorded in hypernet.json (``num_steps``, ``guidance``, ``eta``).
         self.sampling_defaults: dict = {"num_steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE,
@@ -301,13 +323,67 @@ class Hypernet(nn.Module):
             out = out + (1 - mix) * nb(cond_n * self.cond_scale + self.cond_mean)
         return out
 
+    @property
+    def local_covariance(self) -> bool:
+        """True when the model holds the face-dependent residual covariance (and whitened residuals)."""
+        return len(self.cov_resid) > 0
+
+    def residual_covariance(self, cond_n: Tensor | None, batch: int = 1) -> Tensor:
+        """Covariance ``S(c)`` (B, K, K) of the residual around the mean, per normalized condition.
+
+        :class:`~lorasynth.hypernet.regression.LocalCovariance` when the model has one (else, and
+        without a condition, the global covariance of the residuals).
+        """
+        if cond_n is None or not self.local_covariance:
+            n = batch if cond_n is None else len(cond_n)
+            glob = self.resid_cov if self.local_covariance else torch.diag(self.resid_std.pow(2))
+            return glob.expand(n, -1, -1)
+        from .regression import LocalCovariance
+
+        cov = LocalCovariance(self.cov_cond, self.cov_resid, int(self.cov_k), float(self.cov_tau),
+                              float(self.cov_shrink), self.resid_cov)
+        return cov(cond_n * self.cond_scale + self.cond_mean)
+
+    def _unwhiten(self) -> Tensor:
+        key = (self.resid_whiten.data_ptr(), self.resid_whiten._version)
+        if getattr(self, "_unwhiten_key", None) != key:
+            self._unwhiten_cache, self._unwhiten_key = torch.linalg.inv(self.resid_whiten.double()).float(), key
+        return self._unwhiten_cache
+
     def to_x0(self, z: Tensor, cond: Tensor | None) -> Tensor:
-        """Raw latents and raw conditions -> the diffusion's data space (standardized residuals)."""
+        """Raw latents and raw conditions -> the diffusion's data space (scaled residuals)."""
         c = None if cond is None else self.normalize_cond(cond)
-        return (self.normalize_latent(z) - self.conditional_mean(c, len(z))) / self.resid_std
+        r = self.normalize_latent(z) - self.conditional_mean(c, len(z))
+        return r @ self.resid_whiten.T if self.local_covariance else r / self.resid_std
 
     def from_x0(self, x0: Tensor, cond_n: Tensor | None) -> Tensor:
-        return self.denormalize_latent(self.conditional_mean(cond_n, len(x0)) + self.resid_std * x0)
+        mean = self.conditional_mean(cond_n, len(x0))
+        if self.local_covariance:
+            return self.denormalize_latent(mean + x0 @ self._unwhiten().T)
+        return self.denormalize_latent(mean + self.resid_std * x0)
+
+    def expected_latents(self, cond: Tensor) -> Tensor:
+        """``2K`` latents per condition whose mean delta W is *exactly* the model's expected delta W.
+
+        With an affine decoder (PCA) delta W is a quadratic function of the latent, so its
+        expectation depends only on the mean and the covariance of the residual; these "sigma
+        points" ``mean +- sqrt(K) * L[:, l]`` (``L L^T`` = the face's residual covariance
+        :meth:`residual_covariance`, times the squared temperature) have exactly that mean and
+        covariance, so the average of their delta W is the expected delta W in closed form: the
+        limit of the average of N samples of that distribution as N grows (the residual
+        diffusion is trained on the same neighbour residuals). Raw latents, rows
+        ``i*2K .. (i+1)*2K-1`` belong to condition ``i``.
+        """
+        from .regression import sym_sqrt
+
+        cond = torch.atleast_2d(torch.as_tensor(cond, dtype=torch.float32))
+        cn = self.normalize_cond(cond)
+        k = self.config.latent_dim
+        mean = self.conditional_mean(cn)
+        temp = float(self.spread_scale.mean())  # the temperature scales every residual alike
+        root = sym_sqrt(self.residual_covariance(cn)) * (temp * math.sqrt(k))  # (B, K, K)
+        pts = torch.cat([mean[:, None] + root.transpose(1, 2), mean[:, None] - root.transpose(1, 2)], dim=1)
+        return self.denormalize_latent(pts.reshape(-1, k)).float()
 
     # ------------------------------------------------------------------ sampling
     def guided_prediction(self, x_t: Tensor, t: Tensor, cond: Tensor | None, guidance: float) -> Tensor:
@@ -345,6 +421,25 @@ class Hypernet(nn.Module):
         n = self.config.num_train_timesteps
         steps = min(num_steps, n)
         return [int(round(n - i * n / steps)) - 1 for i in range(steps)]
+
+    @torch.no_grad()
+    def ddim(self, rows: int, c: Tensor | None, num_steps: int, guidance: float, eta: float,
+             generator: torch.Generator) -> Tensor:
+        """``rows`` draws of the diffusion's data (x0 space), conditions ``c`` normalized (or None)."""
+        device = self.latent_mean.device
+        x = torch.randn(rows, self.config.latent_dim, generator=generator).to(device)
+        ts = self.timesteps(num_steps)
+        ac = self.alphas_cumprod.to(device)
+        for i, t in enumerate(ts):
+            a = ac[t]
+            a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=device)
+            out = self.guided_prediction(x, torch.tensor(t, device=device), c, guidance)
+            x0, eps = self.split_prediction(out, x, a)
+            sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp_min(0).sqrt()
+            x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp_min(0).sqrt() * eps
+            if i + 1 < len(ts) and eta > 0:
+                x = x + sigma * torch.randn(x.shape, generator=generator).to(device)
+        return x
 
     @torch.no_grad()
     def sample(self, cond: Tensor | None = None, *, num_steps: int | None = None, guidance: float | None = None,
@@ -408,18 +503,7 @@ class Hypernet(nn.Module):
                 mean_cond = self.landmarks[pick.to(device)]
             if not self.config.residual_condition and self.config.residual_mean:
                 c = None  # the residual model is unconditional (see HypernetConfig.residual_condition)
-            x = torch.randn(rows, self.config.latent_dim, generator=generator).to(device)
-            ts = self.timesteps(num_steps)
-            ac = self.alphas_cumprod.to(device)
-            for i, t in enumerate(ts):
-                a = ac[t]
-                a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=device)
-                out = self.guided_prediction(x, torch.tensor(t, device=device), c, guidance)
-                x0, eps = self.split_prediction(out, x, a)
-                sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp_min(0).sqrt()
-                x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp_min(0).sqrt() * eps
-                if i + 1 < len(ts) and eta > 0:
-                    x = x + sigma * torch.randn(x.shape, generator=generator).to(device)
+            x = self.ddim(rows, c, num_steps, guidance, eta, generator)
             if center and reps > 1:
                 x = x.view(n_cond, reps, -1)
                 x = (x - x.mean(dim=1, keepdim=True)).reshape(rows, -1)

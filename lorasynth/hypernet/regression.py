@@ -176,5 +176,128 @@ def cross_fit_neighbours(mean: NeighbourMean, cond_raw: Tensor, fold: Tensor) ->
     return out
 
 
-__all__ = ["KernelMean", "NeighbourMean", "fit_kernel_mean", "fit_neighbour_mean", "cross_fit_neighbours", "make_folds",
+#: Neighbour counts, softmax temperatures and shrinkage (towards the global covariance) tried for
+#: the local residual covariance.
+COV_K = (64, 128, 256, 512)
+COV_TAU = (0.1, 0.2, 0.5, 1.0)
+COV_SHRINK = (0.05, 0.15, 0.3, 0.6)
+
+
+def sym_sqrt(cov: Tensor) -> Tensor:
+    """Symmetric square root of a batch of covariance matrices ``(..., K, K)`` (eigenvalues floored at 0)."""
+    val, vec = torch.linalg.eigh(cov.double())
+    return ((vec * val.clamp_min(0).sqrt().unsqueeze(-2)) @ vec.transpose(-1, -2)).to(cov.dtype)
+
+
+@dataclass
+class LocalCovariance:
+    """The residual covariance around the conditional mean, as it varies with the face.
+
+    ``S(c) = (1 - shrink) * sum_j w_j(c) r_j r_j^T + shrink * global``: ``w`` are the neighbour
+    weights of :class:`NeighbourMean` (softmax of cosine similarities over the top ``k``
+    training rows), ``r_j`` the training rows' cross-fitted residuals, ``global`` their covariance.
+    A face's samples spread as the residuals of people who look like it do: the spread, and the
+    second-order term it adds to the expected delta W (``E[B A] = B(mu) A(mu) + Cov`` terms), both
+    depend on the face.
+    """
+
+    cond: Tensor  # (n, C) unit-norm raw training conditions
+    resid: Tensor  # (n, K) cross-fitted residuals (standardized latent units)
+    k: int
+    tau: float
+    shrink: float
+    global_cov: Tensor  # (K, K)
+
+    def __call__(self, cond_raw: Tensor) -> Tensor:
+        """``S(c)`` for raw conditions ``(B, C)`` -> ``(B, K, K)``."""
+        sims = unit_rows(cond_raw.float()) @ self.cond.to(cond_raw.device).T
+        top, idx = sims.topk(min(self.k, sims.shape[1]), dim=1)
+        w = torch.softmax(top / self.tau, dim=1)
+        r = self.resid.to(cond_raw.device)[idx] * w.sqrt().unsqueeze(-1)  # (B, k, K)
+        return (1 - self.shrink) * (r.transpose(1, 2) @ r) + self.shrink * self.global_cov.to(cond_raw.device)
+
+
+def gaussian_nll(cov: Tensor, x: Tensor) -> Tensor:
+    """Per-row negative log-likelihood (without the constant) of ``x`` (B, K) under N(0, cov (B, K, K))."""
+    chol = torch.linalg.cholesky(cov.double() + 1e-9 * torch.eye(cov.shape[-1], dtype=torch.float64))
+    sol = torch.cholesky_solve(x.double().unsqueeze(-1), chol).squeeze(-1)
+    return torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1) + 0.5 * (x.double() * sol).sum(-1)
+
+
+def fit_local_covariance(cond_raw: Tensor, resid: Tensor, val_cond_raw: Tensor, val_resid: Tensor,
+                         max_rows: int = 400) -> tuple[LocalCovariance, dict]:
+    """Choose ``(k, tau, shrink)`` by the Gaussian log-likelihood of validation residuals.
+
+    ``resid``: cross-fitted training residuals; ``val_resid``: validation people's residuals
+    around the mean fitted on training rows (a proper score of the covariance; the neighbours are
+    training rows only). Shrink 1 (the global covariance, face-independent) is always a candidate.
+    """
+    glob = torch.cov(resid.double().T).float().reshape(resid.shape[1], resid.shape[1])
+    model = LocalCovariance(unit_rows(cond_raw.float()), resid.float(), max(COV_K), 1.0, 1.0, glob)
+    vc, vr = val_cond_raw[:max_rows], val_resid[:max_rows]
+    scores, best, best_nll = {}, None, float("inf")
+    for k in COV_K:
+        for tau in COV_TAU:
+            for shrink in COV_SHRINK + (1.0,):
+                if shrink == 1.0 and (k, tau) != (COV_K[0], COV_TAU[0]):
+                    continue
+                model.k, model.tau, model.shrink = k, tau, shrink
+                nll = float(gaussian_nll(model(vc), vr).mean())
+                scores[f"k={k},tau={tau:g},shrink={shrink:g}"] = nll
+                if nll < best_nll:
+                    best, best_nll = (k, tau, shrink), nll
+    model.k, model.tau, model.shrink = best
+    glob_nll = min(v for key, v in scores.items() if key.endswith("shrink=1"))
+    return model, {"k": best[0], "tau": best[1], "shrink": best[2], "validation_nll": best_nll,
+                   "global_validation_nll": glob_nll, "on": f"{len(vc)} validation rows, Gaussian log-likelihood"}
+
+
+#: Neighbour counts tried for the residual model's training pairs (see :func:`choose_pair_neighbours`).
+PAIR_K = (4, 8, 16, 32, 64, 128)
+
+
+def top_neighbours(query_raw: Tensor, db_raw: Tensor, k: int, batch: int = 2048) -> Tensor:
+    """Indices ``(n, k)`` of the ``k`` rows of ``db_raw`` most cosine-similar to each query row."""
+    db = unit_rows(db_raw.float())
+    k = min(k, len(db))
+    out = [(unit_rows(query_raw[i : i + batch].float()) @ db.T).topk(k, dim=1).indices
+           for i in range(0, len(query_raw), batch)]
+    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long)
+
+
+def choose_pair_neighbours(cond_raw: Tensor, resid: Tensor, val_cond_raw: Tensor, val_resid: Tensor,
+                           weight: Tensor | None = None, samples: int = 8, max_rows: int = 400,
+                           seed: int = 0, val_mean: Tensor | None = None, energy=None) -> tuple[int, dict]:
+    """How many neighbours define a face's residual distribution, chosen on validation people.
+
+    The residual model learns ``p(r | face)`` from pairs (a training face, the residual of one of
+    its ``k`` nearest training faces): with one or two LoRAs per person the residual of a face is
+    one point, its neighbours' residuals are the sample of its conditional. For each ``k`` the
+    validation faces draw ``samples`` residuals of their ``k`` nearest training faces and are
+    scored by the energy score (a proper scoring rule) against their true residual, in raw
+    latent units (``weight``: per-dimension scale), or by ``energy(samples (n, S, K), truth (n, K))``
+    on ``val_mean + residual`` (e.g. in delta-W space). Returns ``(k, report)``.
+    """
+    from .diffusion import energy_scores
+
+    vc, vr = val_cond_raw[:max_rows], val_resid[:max_rows].float()
+    scale = torch.ones(resid.shape[1]) if weight is None else weight.float()
+    nb = top_neighbours(vc, cond_raw, max(PAIR_K))
+    g = torch.Generator().manual_seed(seed)
+    scores = {}
+    for k in PAIR_K:
+        k_ = min(k, nb.shape[1])
+        pick = nb[torch.arange(len(vc))[:, None], torch.randint(k_, (len(vc), samples), generator=g)]
+        if energy is None:
+            scores[k] = float(energy_scores(resid.float()[pick] * scale, vr * scale).mean())
+        else:
+            vm = val_mean[: len(vc)].float()
+            scores[k] = float(energy(vm[:, None] + resid.float()[pick], vm + vr).mean())
+    best = min(scores, key=scores.get)
+    return best, {"k": best, "energy_score": {str(k): v for k, v in scores.items()},
+                  "on": f"{len(vc)} validation rows, energy score of {samples} neighbour residuals"
+                        + (" in raw latent units" if energy is None else " (given score)")}
+
+
+__all__ = ["KernelMean", "LocalCovariance", "top_neighbours", "choose_pair_neighbours", "PAIR_K", "fit_local_covariance", "gaussian_nll", "sym_sqrt", "NeighbourMean", "fit_kernel_mean", "fit_neighbour_mean", "cross_fit_neighbours", "make_folds",
            "unit_rows", "GAMMA_GRID", "RIDGE_GRID", "NEIGHBOUR_K", "NEIGHBOUR_TAU", "MIX_GRID"]
