@@ -324,3 +324,35 @@ def test_neighbour_mean_mix_chosen_on_validation_cross_fitted_by_person_and_expo
     assert not torch.allclose(h.conditional_mean(cn), neighbours_only)
     loaded = Hypernet.load(h.export(tmp_path))
     torch.testing.assert_close(loaded.conditional_mean(loaded.normalize_cond(ct)), h.conditional_mean(cn))
+
+
+def test_residual_model_trains_on_neighbour_pairs_and_local_covariance_is_chosen_on_validation():
+    """The conditioned residual model learns p(residual | face) from pairs (face i, residual of one of
+    its k nearest training faces, itself included); k and the local covariance are chosen on
+    validation people, and the expected delta W's sigma points carry exactly that covariance."""
+    from lorasynth.hypernet.diffusion import NeighbourPairs
+    from lorasynth.hypernet.regression import PAIR_K, top_neighbours
+
+    z, c = toy_world(400, seed=0)
+    zv, cv = toy_world(120, seed=1)
+    module = HypernetDiffusion.for_data(z, c, small_config(), val=(zv, cv))
+    h = module.model
+    assert module.pair_report["k"] in PAIR_K and module.pair_neighbours.shape == (400, module.pair_report["k"])
+    assert h.local_covariance and module.cov_report["k"] > 0
+    loader = module.train_dataloader_for(64, 10)
+    assert isinstance(loader.dataset, NeighbourPairs) and len(loader.dataset) == 400 * module.pair_report["k"]
+    x0, cond = module.train_pairs
+    nb = top_neighbours(c, c, module.pair_report["k"])
+    assert (nb[:, 0] == torch.arange(400)).all()  # a face's own residual is among its pairs
+    pair_x0, pair_c = loader.dataset[5 * nb.shape[1] + 2]
+    assert torch.equal(pair_c, cond[5]) and torch.equal(pair_x0, x0[nb[5, 2]])
+    # the covariance differs between faces and is positive semi-definite
+    cov = h.residual_covariance(h.normalize_cond(cv[:2]))
+    assert not torch.allclose(cov[0], cov[1])
+    assert float(torch.linalg.eigvalsh(cov.double()).min()) > -1e-6
+    # sigma points: mean and covariance of the expected-delta-W construction are the model's
+    pts = h.normalize_latent(h.expected_latents(cv[:1])).double()
+    mean = h.conditional_mean(h.normalize_cond(cv[:1])).double()[0]
+    torch.testing.assert_close(pts.mean(0), mean, atol=1e-4, rtol=1e-4)
+    emp = (pts - mean).T @ (pts - mean) / len(pts)
+    torch.testing.assert_close(emp, cov[0].double() * float(h.spread_scale.mean()) ** 2, atol=1e-3, rtol=1e-3)

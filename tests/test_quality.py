@@ -2,9 +2,10 @@
 
 The world hides 40% of each LoRA's code variance from the face embedding and gives every person
 two LoRAs. The model is split by person into train / validation / test. Held-out, the mean of N
-diffusion samples must reach the kernel-ridge regression baseline and the blend (both tuned on
-validation), single samples must spread about like exact samples of the true conditional (the
-world's oracle; somewhat more allowed, never less), and the
+diffusion samples and the model's expected delta W (``synthesize --average``) must reach the
+kernel-ridge regression baseline and the blend (both tuned on validation), single samples must
+spread about like exact samples of the true conditional (the world's oracle; a little more
+allowed, never less), and the
 evaluation must refuse to score when a test person leaks into training, the latent statistics,
 the hypernetwork or the neighbour search. ``scripts/bench_quality.py`` runs the full grid.
 """
@@ -70,11 +71,11 @@ def test_samples_spread_like_the_oracle_and_do_not_memorize(results, world_model
     samples, oracle = results["samples"], results["oracle"]
     meta = json.loads((world_model[1] / "model" / "hypernet" / "hypernet.json").read_text())
     print("calibration:", meta["calibration"]["chosen"], "mean:", {k: v for k, v in meta["mean"].items() if "mse" not in k})
-    # the old model: pairwise cosine 0.9999 (gap ~ +0.4). The residual temperature is chosen by the
-    # energy score against validation truths, so samples carry the error of the estimated mean too:
-    # they may spread somewhat more than the oracle's (which knows the visible factors), never less
-    assert -0.10 <= samples["spread_gap"] <= 0.05, samples
-    assert results["strategies"]["diffusion"]["delta_cosine_mean"] >= 0.85 * oracle["one_sample"]
+    # the old model: pairwise cosine 0.9999 (gap ~ +0.4). The oracle samples the exact conditional
+    # given the embedding; calibrated samples also carry the error of the estimated mean, so they
+    # may spread a little more than the oracle's (here -0.02), never less
+    assert -0.06 <= samples["spread_gap"] <= 0.05, samples
+    assert results["strategies"]["diffusion"]["delta_cosine_mean"] >= 0.87 * oracle["one_sample"]  # here 0.91
     assert not results["memorization"]["memorizes"], results["memorization"]
     assert results["isolation"]["leaks"] == 0
 

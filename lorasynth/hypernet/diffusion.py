@@ -5,9 +5,11 @@
 
 * :meth:`HypernetDiffusion.for_data` measures the standardization statistics on the training
   pairs, fits the kernel-ridge conditional mean (tuned on the validation pairs, see
-  :mod:`lorasynth.hypernet.regression`) and keeps the *cross-fitted* standardized residuals as
-  the diffusion's data;
-* training is denoising on those residuals: random timesteps of the cosine schedule, the
+  :mod:`lorasynth.hypernet.regression`), the local residual covariance, and keeps the
+  *cross-fitted* residuals as the diffusion's data, each training face paired with the
+  residuals of its ``k`` nearest training faces (:class:`NeighbourPairs`, ``k`` chosen on
+  validation people);
+* training is denoising on those pairs: random timesteps of the cosine schedule, the
   ``v`` (or ``eps``/``x0``) target, condition dropout for classifier-free guidance, AdamW with
   warm-up + cosine decay, and an EMA of the weights that sampling and export use;
 * :func:`calibrate_sampling` picks the sampler settings (steps, DDIM eta, guidance) on

@@ -2,21 +2,27 @@
 
 A LoRA latent (PCA coefficients or LoRA-VAE mean, standardized per dimension) is modelled as
 
-    z = mean(face embedding) + resid_std * x0,     x0 ~ a conditional diffusion model
+    z = mean(face) + r,    r = resid_whiten^-1 @ x0,    x0 ~ a diffusion conditioned on the face
 
 * ``mean`` is a closed-form kernel ridge regression on the embedding, optionally mixed with a
   neighbour (Nadaraya-Watson, cosine kernel) mean (:mod:`lorasynth.hypernet.regression`); widths,
-  ridge, k, temperature and mix are chosen on validation people at training time: averaging many
-  samples lands on a well-estimated conditional mean by construction;
+  ridge, k, temperature and mix are chosen on validation people at training time;
 * the diffusion (:class:`Denoiser`, an MLP-ResNet conditioned by AdaLN, trained with
-  condition dropout for classifier-free guidance) learns the *spread* of the residual around
-  that mean, from residuals cross-fitted by person that have the size residuals of new people
-  have; a residual temperature (``spread_scale``) is calibrated on validation by energy score.
+  condition dropout for classifier-free guidance) learns the *distribution of the residual given
+  the face*, from residuals cross-fitted by person (the size residuals of new people have),
+  each training face paired with the residuals of its nearest training faces (one LoRA per face
+  is one point; its neighbours' residuals are the sample of its conditional);
+* the residual's face-dependent covariance (:class:`~.regression.LocalCovariance`) gives the
+  expected delta W of a face in closed form (:meth:`Hypernet.expected_latents`, ``synthesize
+  --average``): delta W is a product of factors, so its mean is not the delta W of the mean
+  latent, it adds a second-order term of the spread;
+* a residual temperature (``spread_scale``) is calibrated on validation by energy score.
 
 :class:`Hypernet` holds the denoiser (EMA weights), the statistics and the mean, and samples
 with a DDIM sampler (``eta`` 0 = deterministic ODE, 1 = DDPM-like) written here in a few lines
 of torch: loading and sampling import neither Lightning nor diffusers. Training lives in
-:mod:`lorasynth.hypernet.diffusion`.
+:mod:`lorasynth.hypernet.diffusion`. Files from older versions (an unconditional residual model
+with per-dimension scales, ``resid_std``) still load and sample as before.
 """
 
 from __future__ import annotations

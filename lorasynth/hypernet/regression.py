@@ -253,7 +253,7 @@ def fit_local_covariance(cond_raw: Tensor, resid: Tensor, val_cond_raw: Tensor, 
 
 
 #: Neighbour counts tried for the residual model's training pairs (see :func:`choose_pair_neighbours`).
-PAIR_K = (4, 8, 16, 32, 64, 128)
+PAIR_K = (8, 16, 32, 64, 128)
 
 
 def top_neighbours(query_raw: Tensor, db_raw: Tensor, k: int, batch: int = 2048) -> Tensor:
@@ -273,7 +273,7 @@ def choose_pair_neighbours(cond_raw: Tensor, resid: Tensor, val_cond_raw: Tensor
     The residual model learns ``p(r | face)`` from pairs (a training face, the residual of one of
     its ``k`` nearest training faces): with one or two LoRAs per person the residual of a face is
     one point, its neighbours' residuals are the sample of its conditional. For each ``k`` the
-    validation faces draw ``samples`` residuals of their ``k`` nearest training faces and are
+    validation faces draw ``samples`` distinct residuals of their ``k`` nearest training faces and are
     scored by the energy score (a proper scoring rule) against their true residual, in raw
     latent units (``weight``: per-dimension scale), or by ``energy(samples (n, S, K), truth (n, K))``
     on ``val_mean + residual`` (e.g. in delta-W space). Returns ``(k, report)``.
@@ -287,7 +287,10 @@ def choose_pair_neighbours(cond_raw: Tensor, resid: Tensor, val_cond_raw: Tensor
     scores = {}
     for k in PAIR_K:
         k_ = min(k, nb.shape[1])
-        pick = nb[torch.arange(len(vc))[:, None], torch.randint(k_, (len(vc), samples), generator=g)]
+        # ``samples`` distinct neighbours (drawn with replacement, a small k repeats residuals and
+        # the energy score's spread term penalizes the repeats, not the distribution)
+        order = torch.rand(len(vc), k_, generator=g).argsort(dim=1)[:, : min(samples, k_)]
+        pick = nb[torch.arange(len(vc))[:, None], order]
         if energy is None:
             scores[k] = float(energy_scores(resid.float()[pick] * scale, vr * scale).mean())
         else:
