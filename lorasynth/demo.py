@@ -259,13 +259,17 @@ def run_demo(out: str | Path = "demo_out", cfg: DemoConfig | None = None, cache:
         loras[strategy] = result.lora
         files[strategy] = save_lora(result.lora, out / f"astronaut_{strategy}.safetensors")
         files[strategy + "_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()  # the average: the model's expected delta W (fidelity) instead of one sample
+    average = syn.synthesize(embedding, SynthesisSettings(seed=cfg.seed, average=True), source="astronaut.jpg")[0]
+    files["average"] = save_lora(average.lora, out / "astronaut_average.safetensors")
+    files["average_s"] = time.perf_counter() - t0
     sampled = syn.synthesize(None, SynthesisSettings(strategy="sample", seed=cfg.seed, samples=1))[0]
     files["sample"] = save_lora(sampled.lora, out / "new_identity_sample.safetensors")
     other_entry = lib.list(limit=1)[0]
     _, other = lib.get(other_entry.id)
     blended, _ = blend([loras["diffusion"], other], [0.7, 0.3])
     files["blended"] = save_lora(blended, out / "astronaut_blended_with_library.safetensors")
-    clock.lap("synthesize (diffusion, blend, nearest, sample) + blend")
+    clock.lap("synthesize (diffusion, average, blend, nearest, sample) + blend")
 
     settings = GenerationSettings(prompt="a photo of sks person", steps=cfg.preview_steps, width=cfg.preview_size,
                                   height=cfg.preview_size, seed=cfg.seed)
@@ -287,7 +291,7 @@ def run_demo(out: str | Path = "demo_out", cfg: DemoConfig | None = None, cache:
     summary = {
         "config": asdict(cfg), "cache": str(work), "base_model": str(base_dir), "library": str(lib.root),
         "library_entries": len(lib.ids()), "model": str(model.path), "face": selection.describe(),
-        "embedding_s": embed_s, "synthesis_s": {k: files[k + "_s"] for k in ("diffusion", "blend", "nearest")},
+        "embedding_s": embed_s, "synthesis_s": {k: files[k + "_s"] for k in ("diffusion", "average", "blend", "nearest")},
         "preview_mean_abs_pixel_change": diffs, "eval": results, "timings_s": clock.steps,
         "total_s": round(time.perf_counter() - clock.t0, 1),
         "files": {k: str(v) for k, v in files.items() if not k.endswith("_s")},

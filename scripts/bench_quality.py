@@ -58,7 +58,7 @@ def run_world(name: str, args, root: Path) -> dict:
     timings["latent_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     net = train_hypernet(model, TrainConfig(max_steps=args.hypernet_steps, batch_size=256, lr=2e-3, **quiet),
-                         {"width": args.hypernet_width, "pair_neighbours": args.pair_neighbours})
+                         {"width": args.hypernet_width, "depth": args.hypernet_depth, "pair_neighbours": args.pair_neighbours})
     timings["hypernet_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = evaluate(Synthesizer(model.path), n_samples=args.samples, oracle=lambda rows, n: world.oracle_vectors(rows, n),
@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--latent-dim", type=int, default=64)
     ap.add_argument("--hypernet-steps", type=int, default=1000, help="as `lorasynth train hypernet`")
     ap.add_argument("--hypernet-width", type=int, default=256)
+    ap.add_argument("--hypernet-depth", type=int, default=2)
     ap.add_argument("--pair-neighbours", type=int, default=0, help="residual model's neighbours per face (0: chosen on validation)")
     ap.add_argument("--vae-steps", type=int, default=0, help="also train a VAE and compare it with PCA (0: skip)")
     ap.add_argument("--samples", type=int, default=16, help="N of the mean-of-N mode")

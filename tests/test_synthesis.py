@@ -92,7 +92,7 @@ def test_evaluation_reports_every_strategy_and_baselines(model_dir, tmp_path):
     syn = Synthesizer(model_dir)
     results = evaluate(syn)
     assert set(results["strategies"]) == {"mean_lora", "nearest", "blend", "blend_tuned", "regression", "diffusion",
-                                          "diffusion_mean"}
+                                          "diffusion_mean", "diffusion_expected"}
     for r in results["strategies"].values():
         assert -1 <= r["delta_cosine_mean"] <= 1 and r["n"] == len(syn.model.info.heldout_ids)
     assert 0 < results["latent"]["reconstruction_delta_cosine"] <= 1
