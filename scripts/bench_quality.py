@@ -102,7 +102,7 @@ def main() -> None:
                     help=f"comma-separated, from {', '.join(QUALITY_GRID)}")
     ap.add_argument("--persons", type=int, default=2000, help="persons per world (2 LoRAs each)")
     ap.add_argument("--latent-dim", type=int, default=64)
-    ap.add_argument("--hypernet-steps", type=int, default=1000, help="as `lorasynth train hypernet`")
+    ap.add_argument("--hypernet-steps", type=int, default=2000, help="as `lorasynth train hypernet`")
     ap.add_argument("--hypernet-width", type=int, default=256)
     ap.add_argument("--hypernet-depth", type=int, default=2)
     ap.add_argument("--pair-neighbours", type=int, default=0, help="residual model's neighbours per face (0: chosen on validation)")

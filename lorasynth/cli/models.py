@@ -137,7 +137,7 @@ def register(sub) -> None:
     p.add_argument("--depth", type=int, default=None, help="denoiser blocks (default: the hypernetwork config's)")
     p.add_argument("--prediction", choices=["x0", "v", "eps"], default=None,
                    help="what the denoiser predicts (default: the hypernetwork config's)")
-    _trainer_flags(p, steps=1000, batch=256, lr=2e-3)  # what scripts/bench_quality.py measures
+    _trainer_flags(p, steps=2000, batch=256, lr=2e-3)  # what scripts/bench_quality.py measures
     p.set_defaults(func=cmd_train_hypernet)
 
     p = sub.add_parser("synthesize", help="synthesize a LoRA from one face photo (no training)",
