@@ -368,28 +368,35 @@ class Hypernet(nn.Module):
             return self.denormalize_latent(mean + x0 @ self._unwhiten().T)
         return self.denormalize_latent(mean + self.resid_std * x0)
 
-    def expected_latents(self, cond: Tensor) -> Tensor:
-        """``2K`` latents per condition whose mean delta W is *exactly* the model's expected delta W.
+    def expected_latents(self, cond: Tensor, keep: float = 0.9999) -> Tensor:
+        """``2m`` latents per condition whose mean delta W is the model's expected delta W.
 
         With an affine decoder (PCA) delta W is a quadratic function of the latent, so its
         expectation depends only on the mean and the covariance of the residual; these "sigma
-        points" ``mean +- sqrt(K) * L[:, l]`` (``L L^T`` = the face's residual covariance
+        points" ``mean +- sqrt(m) * L[:, l]`` (``L L^T`` = the face's residual covariance
         :meth:`residual_covariance`, times the squared temperature) have exactly that mean and
         covariance, so the average of their delta W is the expected delta W in closed form: the
         limit of the average of N samples of that distribution as N grows (the residual
-        diffusion is trained on the same neighbour residuals). Raw latents, rows
-        ``i*2K .. (i+1)*2K-1`` belong to condition ``i``.
+        diffusion is trained on the same neighbour residuals). ``L`` keeps the ``m <= K``
+        principal directions that hold a fraction ``keep`` of the variance (raw latent units; the
+        same ``m`` for every condition of a call), so the result is exact up to the dropped
+        ``1 - keep``. Raw latents, rows ``i*2m .. (i+1)*2m-1`` belong to condition ``i``.
         """
-        from .regression import sym_sqrt
-
         cond = torch.atleast_2d(torch.as_tensor(cond, dtype=torch.float32))
         cn = self.normalize_cond(cond)
         k = self.config.latent_dim
-        mean = self.conditional_mean(cn)
+        mean = self.denormalize_latent(self.conditional_mean(cn)).double()
         temp = float(self.spread_scale.mean())  # the temperature scales every residual alike
-        root = sym_sqrt(self.residual_covariance(cn)) * (temp * math.sqrt(k))  # (B, K, K)
+        std = self.latent_std.double()
+        cov = self.residual_covariance(cn).double() * (std[:, None] * std[None, :]) * temp**2  # raw latent units
+        val, vec = torch.linalg.eigh(cov)  # ascending
+        val = val.clamp_min(0).flip(-1)
+        vec = vec.flip(-1)
+        kept = (val.cumsum(-1) / val.sum(-1, keepdim=True).clamp_min(1e-300) < keep).sum(-1) + 1
+        m = int(kept.max().clamp(max=k))  # the same count for every condition of the batch
+        root = vec[..., :m] * (val[:, :m] * m).sqrt().unsqueeze(1)  # (B, K, m): columns sqrt(m * lambda) v
         pts = torch.cat([mean[:, None] + root.transpose(1, 2), mean[:, None] - root.transpose(1, 2)], dim=1)
-        return self.denormalize_latent(pts.reshape(-1, k)).float()
+        return pts.reshape(-1, k).float()
 
     # ------------------------------------------------------------------ sampling
     def guided_prediction(self, x_t: Tensor, t: Tensor, cond: Tensor | None, guidance: float) -> Tensor:
