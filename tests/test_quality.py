@@ -71,6 +71,10 @@ def test_samples_spread_like_the_oracle_and_do_not_memorize(results, world_model
     samples, oracle = results["samples"], results["oracle"]
     meta = json.loads((world_model[1] / "model" / "hypernet" / "hypernet.json").read_text())
     print("calibration:", meta["calibration"]["chosen"], "mean:", {k: v for k, v in meta["mean"].items() if "mse" not in k})
+    # every setting of the residual model was chosen on validation people, and is recorded
+    assert meta["residual_pairs"]["k"] in (8, 16, 32, 64, 128) and "validation" in meta["residual_pairs"]["on"]
+    assert meta["covariance"]["validation_nll"] <= meta["covariance"]["global_validation_nll"]
+    assert "delta W" in meta["calibration"]["on"]
     # the old model: pairwise cosine 0.9999 (gap ~ +0.4). The oracle samples the exact conditional
     # given the embedding; calibrated samples also carry the error of the estimated mean, so they
     # may spread a little more than the oracle's (here -0.02), never less
