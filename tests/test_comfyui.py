@@ -141,7 +141,7 @@ def _tiny_layout():
 @pytest.fixture(scope="module")
 def sd15(env):
     """MODEL, CLIP, VAE of the random SD1.5 checkpoint, as ComfyUI's CheckpointLoaderSimple loaded them."""
-    assert env.success, env.messages[-1]
+    assert env.success, env.messages[-1][1].get("exception_message", env.messages[-1])
     model, clip, vae = (out[0] for out in env.executor.outputs["1"])
     return SimpleNamespace(model=model, clip=clip, vae=vae)
 
@@ -162,7 +162,7 @@ def test_node_pack_is_installed_and_loaded_by_comfyuis_custom_node_loader(env):
 def test_example_workflow_runs_end_to_end_to_a_decoded_image(env):
     from PIL import Image
 
-    assert env.success, env.messages[-1]
+    assert env.success, env.messages[-1][1].get("exception_message", env.messages[-1])
     images = sorted((env.work / "output").glob("lorasynth_*.png"))
     assert len(images) == 1
     image = np.asarray(Image.open(images[0]))

@@ -351,10 +351,8 @@ class Hypernet(nn.Module):
         return cov(cond_n * self.cond_scale + self.cond_mean)
 
     def _unwhiten(self) -> Tensor:
-        key = (self.resid_whiten.data_ptr(), self.resid_whiten._version)
-        if getattr(self, "_unwhiten_key", None) != key:
-            self._unwhiten_cache, self._unwhiten_key = torch.linalg.inv(self.resid_whiten.double()).float(), key
-        return self._unwhiten_cache
+        """The inverse of ``resid_whiten`` (computed per call: milliseconds, and safe in inference mode)."""
+        return torch.linalg.inv(self.resid_whiten.double()).float()
 
     def to_x0(self, z: Tensor, cond: Tensor | None) -> Tensor:
         """Raw latents and raw conditions -> the diffusion's data space (scaled residuals)."""
