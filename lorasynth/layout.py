@@ -257,18 +257,20 @@ def delta_energy_scores(layout: Layout, samples, truth) -> np.ndarray:
     update a LoRA makes, which is what a LoRA's user sees (distances in a latent space weigh
     directions by how they vary, not by what they do to the weights).
     """
-    samples, truth = np.asarray(samples, dtype=np.float64), np.asarray(truth, dtype=np.float64)
-    n, s = samples.shape[:2]
-    out = np.empty(n)
-    for i in range(n):
-        g = delta_gram(layout, samples[i], samples[i])
-        st = delta_gram(layout, samples[i], truth[i : i + 1])[:, 0]
-        tt = delta_gram(layout, truth[i : i + 1], truth[i : i + 1])[0, 0]
-        d = np.diag(g)
-        fit = np.sqrt(np.maximum(d + tt - 2 * st, 0)).mean()
-        pair = np.sqrt(np.maximum(d[:, None] + d[None, :] - 2 * g, 0)).sum() / max(s * (s - 1), 1)
-        out[i] = fit - 0.5 * pair
-    return out
+    samples = torch.as_tensor(np.asarray(samples), dtype=torch.float64)
+    truth = torch.as_tensor(np.asarray(truth), dtype=torch.float64)
+    n, s, d = samples.shape
+    x = torch.cat([samples, truth[:, None]], dim=1)  # (n, S+1, D): the truth is the last row
+    g = torch.zeros(n, s + 1, s + 1, dtype=torch.float64)
+    for b, a in _module_factor_views(layout, x.reshape(n * (s + 1), d)):  # batched Gram, one module at a time
+        b = b.reshape(n, s + 1, *b.shape[1:])
+        a = a.reshape(n, s + 1, *a.shape[1:])
+        g += torch.einsum("nsoi,ntoj,nsip,ntjp->nst", b, b, a, a)
+    diag = torch.diagonal(g, dim1=1, dim2=2)
+    dist = (diag[:, :, None] + diag[:, None, :] - 2 * g).clamp_min(0).sqrt()
+    fit = dist[:, :s, s].mean(dim=1)
+    pair = dist[:, :s, :s].sum(dim=(1, 2)) / max(s * (s - 1), 1)
+    return (fit - 0.5 * pair).numpy()
 
 
 def delta_cosine(layout: Layout, x, y) -> torch.Tensor:

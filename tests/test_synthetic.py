@@ -189,3 +189,29 @@ def test_oracle_is_exact_the_truth_is_one_more_draw_of_it():
     assert scores[0.5]["pairwise_cosine"] < scores[0.0]["pairwise_cosine"] - 0.05
     assert scores[0.5]["mean_of_n"] < scores[0.0]["mean_of_n"] - 0.03
     assert not make_world(hard_world_config(10, "tiny", embed_noise=0.1)).config.exact_oracle
+
+
+def test_delta_energy_score_uses_frobenius_distances_of_the_updates():
+    """The energy score that chooses the hypernetwork's settings, in delta-W space, from dense updates."""
+    import torch
+
+    from lorasynth.layout import _module_factor_views, delta_energy_scores
+    from lorasynth.synthetic import tiny_layout
+
+    lay = tiny_layout(rank=2)
+    rng = np.random.default_rng(0)
+    samples, truth = rng.standard_normal((3, 5, lay.size)), rng.standard_normal((3, lay.size))
+
+    def dense(v):
+        v = torch.as_tensor(v, dtype=torch.float64).reshape(-1, lay.size)
+        return torch.cat([torch.einsum("nor,nri->noi", b, a).flatten(1) for b, a in _module_factor_views(lay, v)], 1)
+
+    want = []
+    for i in range(3):
+        ds, dt = dense(samples[i]), dense(truth[i])[0]
+        fit = (ds - dt).norm(dim=1).mean()
+        pair = torch.cdist(ds, ds).sum() / (5 * 4)
+        want.append(float(fit - 0.5 * pair))
+    np.testing.assert_allclose(delta_energy_scores(lay, samples, truth), want, rtol=1e-10)
+    # a sampler that puts its samples on the truth scores better than one that scatters them
+    assert delta_energy_scores(lay, np.repeat(truth[:, None], 5, 1), truth).mean() < delta_energy_scores(lay, samples, truth).mean()
