@@ -41,7 +41,7 @@ class DemoConfig:
     latent_kind: str = "pca"  # the better-measured latent (held-out reconstruction 0.996 vs the VAE's 0.966 here)
     vae_steps: int = 300  # used with latent_kind="vae"
     vae_tokens: int = 16  # fewer, longer chunks: ~3x faster VAE steps on CPU at this layout size
-    hypernet_steps: int = 600
+    hypernet_steps: int = 400
     hypernet_batch: int = 128  # steps are half fixed overhead here: 128 is ~25% faster than 256 (held-out cosine 0.948 vs 0.952)
     hypernet_width: int = 256
     hypernet_depth: int = 3
