@@ -43,8 +43,8 @@ from .model import (  # noqa: F401  (re-exported: older code imports them from h
     Hypernet,
     HypernetConfig,
 )
-from .regression import (MIX_GRID, _mse, choose_pair_neighbours, cross_fit_neighbours, fit_kernel_mean,
-                         fit_local_covariance, fit_neighbour_mean, make_folds, top_neighbours)
+from .regression import (MIX_GRID, _mse, choose_pair_neighbours, cross_fit_neighbours, energy_scores,  # noqa: F401
+                         fit_kernel_mean, fit_local_covariance, fit_neighbour_mean, make_folds, top_neighbours)
 
 
 class NeighbourPairs(Dataset):
@@ -209,7 +209,7 @@ class HypernetDiffusion(lightning.LightningModule):
 
     @torch.no_grad()
     def _fit_local_covariance(self, cond_raw: Tensor, resid: Tensor, val_raw: Tensor, val_resid: Tensor) -> None:
-        """Global whitening of the residuals and their local covariance, chosen on validation people."""
+        """The local residual covariance (chosen on validation people) and the diffusion's scaling."""
         m = self.model
         cov, self.cov_report = fit_local_covariance(cond_raw, resid, val_raw, val_resid)
         # the diffusion's space: raw latent units over one global scale (not whitened: directions
@@ -350,19 +350,6 @@ class HypernetDiffusion(lightning.LightningModule):
 
 #: Sampler settings tried by :func:`calibrate_sampling`.
 CALIBRATION_GRID = ((50, 0.0, 1.0), (100, 0.0, 1.0), (200, 0.0, 1.0), (100, 1.0, 1.0), (100, 0.0, 1.5))
-
-
-@torch.no_grad()
-def energy_scores(samples: Tensor, truth: Tensor) -> Tensor:
-    """Energy score of each row: ``samples`` (B, S, K) for ``truth`` (B, K) -> (B,); lower is better.
-
-    ``E|X - y| - 0.5 E|X - X'|``: strictly proper, so it is minimised by the true conditional
-    distribution; a sampler that collapses to a point or sprays too widely loses.
-    """
-    b, s, _ = samples.shape
-    fit = (samples - truth[:, None]).norm(dim=-1).mean(dim=1)
-    pair = torch.cdist(samples, samples).sum(dim=(1, 2)) / max(s * (s - 1), 1)
-    return fit - 0.5 * pair
 
 
 def energy_score(samples: Tensor, truth: Tensor) -> float:

@@ -122,6 +122,30 @@ def unit_rows(x: Tensor) -> Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def neighbour_weights(cond_raw: Tensor, db_unit: Tensor, k: int, tau: float,
+                      exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(weights (B, k), indices (B, k))``: softmax(cos / tau) over the ``k`` most cosine-similar rows
+    of ``db_unit`` (unit-norm raw conditions); ``exclude`` (B, n) masks rows out."""
+    sims = unit_rows(cond_raw.float()) @ db_unit.to(cond_raw.device).T
+    if exclude is not None:
+        sims = sims.masked_fill(exclude, -float("inf"))
+    top, idx = sims.topk(min(k, sims.shape[1]), dim=1)
+    return torch.softmax(top / tau, dim=1), idx
+
+
+@torch.no_grad()
+def energy_scores(samples: Tensor, truth: Tensor) -> Tensor:
+    """Energy score of each row: ``samples`` (B, S, K) for ``truth`` (B, K) -> (B,); lower is better.
+
+    ``E|X - y| - 0.5 E|X - X'|``: strictly proper, so it is minimised by the true conditional
+    distribution; a sampler that collapses to a point or sprays too widely loses.
+    """
+    b, s, _ = samples.shape
+    fit = (samples - truth[:, None]).norm(dim=-1).mean(dim=1)
+    pair = torch.cdist(samples, samples).sum(dim=(1, 2)) / max(s * (s - 1), 1)
+    return fit - 0.5 * pair
+
+
 #: Neighbour counts and softmax temperatures (on cosine similarity) tried for the neighbour mean.
 NEIGHBOUR_K = (8, 16, 32, 64, 128)
 NEIGHBOUR_TAU = (0.02, 0.05, 0.1, 0.2, 0.5)
@@ -142,12 +166,7 @@ class NeighbourMean:
     tau: float
 
     def __call__(self, cond_raw: Tensor, exclude: Tensor | None = None) -> Tensor:
-        sims = unit_rows(cond_raw.float()) @ self.cond.to(cond_raw.device).T
-        if exclude is not None:
-            sims = sims.masked_fill(exclude, -float("inf"))
-        k = min(self.k, sims.shape[1])
-        top, idx = sims.topk(k, dim=1)
-        w = torch.softmax(top / self.tau, dim=1)
+        w, idx = neighbour_weights(cond_raw, self.cond, self.k, self.tau, exclude)
         return torch.einsum("bk,bkd->bd", w, self.z.to(cond_raw.device)[idx])
 
 
@@ -210,9 +229,7 @@ class LocalCovariance:
 
     def __call__(self, cond_raw: Tensor) -> Tensor:
         """``S(c)`` for raw conditions ``(B, C)`` -> ``(B, K, K)``."""
-        sims = unit_rows(cond_raw.float()) @ self.cond.to(cond_raw.device).T
-        top, idx = sims.topk(min(self.k, sims.shape[1]), dim=1)
-        w = torch.softmax(top / self.tau, dim=1)
+        w, idx = neighbour_weights(cond_raw, self.cond, self.k, self.tau)
         r = self.resid.to(cond_raw.device)[idx] * w.sqrt().unsqueeze(-1)  # (B, k, K)
         return (1 - self.shrink) * (r.transpose(1, 2) @ r) + self.shrink * self.global_cov.to(cond_raw.device)
 
@@ -278,8 +295,6 @@ def choose_pair_neighbours(cond_raw: Tensor, resid: Tensor, val_cond_raw: Tensor
     latent units (``weight``: per-dimension scale), or by ``energy(samples (n, S, K), truth (n, K))``
     on ``val_mean + residual`` (e.g. in delta-W space). Returns ``(k, report)``.
     """
-    from .diffusion import energy_scores
-
     vc, vr = val_cond_raw[:max_rows], val_resid[:max_rows].float()
     scale = torch.ones(resid.shape[1]) if weight is None else weight.float()
     nb = top_neighbours(vc, cond_raw, max(PAIR_K))
@@ -302,5 +317,5 @@ def choose_pair_neighbours(cond_raw: Tensor, resid: Tensor, val_cond_raw: Tensor
                         + (" in raw latent units" if energy is None else " (given score)")}
 
 
-__all__ = ["KernelMean", "LocalCovariance", "top_neighbours", "choose_pair_neighbours", "PAIR_K", "fit_local_covariance", "gaussian_nll", "sym_sqrt", "NeighbourMean", "fit_kernel_mean", "fit_neighbour_mean", "cross_fit_neighbours", "make_folds",
+__all__ = ["KernelMean", "LocalCovariance", "neighbour_weights", "energy_scores", "top_neighbours", "choose_pair_neighbours", "PAIR_K", "fit_local_covariance", "gaussian_nll", "sym_sqrt", "NeighbourMean", "fit_kernel_mean", "fit_neighbour_mean", "cross_fit_neighbours", "make_folds",
            "unit_rows", "GAMMA_GRID", "RIDGE_GRID", "NEIGHBOUR_K", "NEIGHBOUR_TAU", "MIX_GRID"]
