@@ -186,26 +186,22 @@ class HypernetDiffusion(lightning.LightningModule):
         rstd = resid.std(0)
         m.resid_std.copy_(rstd.clamp_min(max(float(rstd.median()) * 1e-3, 1e-8)))
         m.cov_cond, m.cov_resid = m.cov_cond[:0], m.cov_resid[:0]
-        self.cov_report = None
+        self.cov_report = self.pair_neighbours = self.pair_report = None
+        vm = None if vz is None else m.conditional_mean(vc)  # validation people's mean and residuals
+        val_raw = None if vz is None else torch.as_tensor(val[1]).float()
         if self.config.residual_mean and self.config.local_covariance and vz is not None and len(resid) > 1:
-            self._fit_local_covariance(conds, resid, torch.as_tensor(val[1]).float(), vz - m.conditional_mean(vc))
-        self.pair_neighbours = self.pair_report = None
+            self._fit_local_covariance(conds, resid, val_raw, vz - vm)
         if self.config.residual_mean and self.config.residual_condition:
             k = self.config.pair_neighbours
             if not k and vz is not None:
-                vm = m.conditional_mean(vc)
                 score = None if energy is None else (
                     lambda xs, t: energy(m.denormalize_latent(xs), m.denormalize_latent(t)))
-                k, self.pair_report = choose_pair_neighbours(conds, resid, torch.as_tensor(val[1]).float(), vz - vm,
-                                                             m.latent_std, seed=seed, val_mean=vm, energy=score)
+                k, self.pair_report = choose_pair_neighbours(conds, resid, val_raw, vz - vm, m.latent_std, seed=seed,
+                                                             val_mean=vm, energy=score)
             self.pair_neighbours = top_neighbours(conds, conds, int(k or 16))
-        if m.local_covariance:
-            self.train_pairs = (resid @ m.resid_whiten.T, cn)
-            self.val_pairs = ((vz - m.conditional_mean(vc)) @ m.resid_whiten.T, vc)
-            return
-        self.train_pairs = (resid / m.resid_std, cn)
+        self.train_pairs = (m.residual_to_x0(resid), cn)
         if vz is not None:
-            self.val_pairs = ((vz - m.conditional_mean(vc)) / m.resid_std, vc)
+            self.val_pairs = (m.residual_to_x0(vz - vm), vc)
 
     @torch.no_grad()
     def _fit_local_covariance(self, cond_raw: Tensor, resid: Tensor, val_raw: Tensor, val_resid: Tensor) -> None:
@@ -217,7 +213,7 @@ class HypernetDiffusion(lightning.LightningModule):
         # as much of the loss as the few that carry the structure, and blurred the samples)
         raw_rms = (resid * m.latent_std).pow(2).mean().sqrt().clamp_min(1e-12)
         m.resid_cov.copy_(cov.global_cov)
-        m.resid_whiten.copy_(torch.diag(m.latent_std / raw_rms))
+        m.resid_to_x0.copy_(torch.diag(m.latent_std / raw_rms))
         m.cov_cond, m.cov_resid = cov.cond.clone(), cov.resid.clone()
         m.cov_k.fill_(cov.k)
         m.cov_tau.fill_(cov.tau)

@@ -2,7 +2,7 @@
 
 A LoRA latent (PCA coefficients or LoRA-VAE mean, standardized per dimension) is modelled as
 
-    z = mean(face) + r,    r = resid_whiten^-1 @ x0,    x0 ~ a diffusion conditioned on the face
+    z = mean(face) + r,    r = resid_to_x0^-1 @ x0,    x0 ~ a diffusion conditioned on the face
 
 * ``mean`` is a closed-form kernel ridge regression on the embedding, optionally mixed with a
   neighbour (Nadaraya-Watson, cosine kernel) mean (:mod:`lorasynth.hypernet.regression`); widths,
@@ -56,7 +56,7 @@ DEFAULT_GUIDANCE = 1.0
 DEFAULT_ETA = 0.0
 DEFAULT_SCHEDULER = "ddim"
 
-_COV_KEYS = ("cov_cond", "cov_resid", "cov_k", "cov_tau", "cov_shrink", "resid_cov", "resid_whiten")
+_COV_KEYS = ("cov_cond", "cov_resid", "cov_k", "cov_tau", "cov_shrink", "resid_cov", "resid_to_x0")
 _STAT_KEYS = ("latent_mean", "latent_std", "cond_mean", "cond_scale", "resid_std", "spread_scale", "landmarks", "coef",
               "gamma", "nb_cond", "nb_z", "nb_k", "nb_tau", "mix") + _COV_KEYS
 #: Keys a file may lack (written before they existed): the defaults keep the old behaviour.
@@ -286,7 +286,7 @@ class Hypernet(nn.Module):
         self.register_buffer("nb_k", torch.zeros((), dtype=torch.long))
         self.register_buffer("nb_tau", torch.ones(()))
         self.register_buffer("mix", torch.ones(()))
-        # the diffusion models ``x0 = resid_whiten @ r`` (residuals in raw latent units over one
+        # the diffusion models ``x0 = resid_to_x0 @ r`` (residuals in raw latent units over one
         # global scale); the local residual covariance (regression.LocalCovariance, with its
         # global ``resid_cov``) gives the expected delta W in closed form.
         # Empty ``cov_resid``: the older per-dimension model ``r = resid_std * x0``.
@@ -296,7 +296,7 @@ class Hypernet(nn.Module):
         self.register_buffer("cov_tau", torch.ones(()))
         self.register_buffer("cov_shrink", torch.ones(()))
         self.register_buffer("resid_cov", torch.eye(k))
-        self.register_buffer("resid_whiten", torch.eye(k))
+        self.register_buffer("resid_to_x0", torch.eye(k))
         self.register_buffer("alphas_cumprod", alphas_cumprod(config).float(), persistent=False)
         #: Sampling settings recorded in hypernet.json (``num_steps``, ``guidance``, ``eta``).
         self.sampling_defaults: dict = {"num_steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE,
@@ -350,20 +350,23 @@ class Hypernet(nn.Module):
                               float(self.cov_shrink), self.resid_cov)
         return cov(cond_n * self.cond_scale + self.cond_mean)
 
-    def _unwhiten(self) -> Tensor:
-        """The inverse of ``resid_whiten`` (computed per call: milliseconds, and safe in inference mode)."""
-        return torch.linalg.inv(self.resid_whiten.double()).float()
+    def _x0_to_resid(self) -> Tensor:
+        """The inverse of ``resid_to_x0`` (computed per call: milliseconds, and safe in inference mode)."""
+        return torch.linalg.inv(self.resid_to_x0.double()).float()
 
     def to_x0(self, z: Tensor, cond: Tensor | None) -> Tensor:
         """Raw latents and raw conditions -> the diffusion's data space (scaled residuals)."""
         c = None if cond is None else self.normalize_cond(cond)
-        r = self.normalize_latent(z) - self.conditional_mean(c, len(z))
-        return r @ self.resid_whiten.T if self.local_covariance else r / self.resid_std
+        return self.residual_to_x0(self.normalize_latent(z) - self.conditional_mean(c, len(z)))
+
+    def residual_to_x0(self, r: Tensor) -> Tensor:
+        """Residuals (standardized latent units) -> the diffusion's data space."""
+        return r @ self.resid_to_x0.T if self.local_covariance else r / self.resid_std
 
     def from_x0(self, x0: Tensor, cond_n: Tensor | None) -> Tensor:
         mean = self.conditional_mean(cond_n, len(x0))
         if self.local_covariance:
-            return self.denormalize_latent(mean + x0 @ self._unwhiten().T)
+            return self.denormalize_latent(mean + x0 @ self._x0_to_resid().T)
         return self.denormalize_latent(mean + self.resid_std * x0)
 
     def expected_latents(self, cond: Tensor, keep: float = 0.9999) -> Tensor:
