@@ -356,3 +356,19 @@ def test_residual_model_trains_on_neighbour_pairs_and_local_covariance_is_chosen
     torch.testing.assert_close(pts.mean(0), mean, atol=1e-4, rtol=1e-4)
     emp = (pts - mean).T @ (pts - mean) / len(pts)
     torch.testing.assert_close(emp, cov[0].double() * float(h.spread_scale.mean()) ** 2, atol=1e-3, rtol=1e-3)
+
+
+def test_a_hypernet_file_with_mismatched_covariance_tensors_is_one_model_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    z, c = toy_world(200, seed=0)
+    zv, cv = toy_world(60, seed=1)
+    h = HypernetDiffusion.for_data(z, c, small_config(), val=(zv, cv)).hypernet()
+    assert h.local_covariance
+    h.export(tmp_path)
+    Hypernet.load(tmp_path).sample(cv[:2], num_steps=3)  # the intact file loads and samples
+    tensors = load_file(str(tmp_path / "hypernet.safetensors"))
+    tensors["cov_resid"] = tensors["cov_resid"][:, :5].contiguous()  # wrong latent width
+    save_file(tensors, str(tmp_path / "hypernet.safetensors"), {"format": "lorasynth-hypernet", "version": "2"})
+    with pytest.raises(ModelError, match="do not match"):
+        Hypernet.load(tmp_path)

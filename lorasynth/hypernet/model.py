@@ -590,7 +590,9 @@ class Hypernet(nn.Module):
             raise ModelError(f"{w_path} does not match its config: {exc}") from exc
         if module.landmarks.ndim != 2 or module.landmarks.shape[1] != config.cond_dim or \
                 module.coef.shape != (len(module.landmarks), config.latent_dim) or \
-                module.nb_cond.shape[1:] != (config.cond_dim,) or module.nb_z.shape != (len(module.nb_cond), config.latent_dim):
+                module.nb_cond.shape[1:] != (config.cond_dim,) or module.nb_z.shape != (len(module.nb_cond), config.latent_dim) or \
+                module.cov_cond.shape[1:] != (config.cond_dim,) or \
+                module.cov_resid.shape != (len(module.cov_cond), config.latent_dim):
             raise ModelError(f"{w_path}: mean tensors do not match the config")
         module.sampling_defaults = dict(meta.get("sampling", {}))
         if version < 2:
