@@ -270,7 +270,11 @@ class Synthesizer:
         loras = [self.layout.unflatten(torch.from_numpy(v)) for v in self.decode(z)]
         n = len(loras)
         lora, report = blend_loras(loras, [1.0 / n] * n, rank=s.average_rank)
-        meta = dict(prov, **{"lorasynth.average_of": "expectation", "lorasynth.sigma_points": str(n),
+        # exact for an affine decoder (PCA: delta W is quadratic in the latent); an unscented
+        # approximation through a VAE's nonlinear decoder
+        exact = "exact" if self.model.info.latent_kind == "pca" else "unscented approximation (VAE decoder)"
+        meta = dict(prov, **{"lorasynth.average_of": "expectation", "lorasynth.expectation": exact,
+                             "lorasynth.sigma_points": str(n),
                              "lorasynth.average_rank": str(report.rank),
                              "lorasynth.average_rank_error": f"{report.overall_error:.3g}"})
         lora.metadata.update(meta)

@@ -178,7 +178,7 @@ def test_average_is_the_exact_expected_delta_w_of_the_model(world_model, tmp_pat
     assert main(["synthesize", "--embedding", str(tmp_path / "e.npy"), "--model", str(root / "model"), "--average",
                  "-o", str(out)]) == 0
     avg = load_lora(out, tree=ModuleTree.from_specs(syn.layout.modules))
-    assert avg.metadata["lorasynth.average_of"] == "expectation"
+    assert avg.metadata["lorasynth.average_of"] == "expectation" and avg.metadata["lorasynth.expectation"] == "exact"
     assert float(avg.metadata["lorasynth.average_rank_error"]) < 1e-6  # rank 32 holds the tiny modules whole
     # Monte Carlo: 40,000 draws with the model's mean and covariance for this face
     h = syn.hypernet
