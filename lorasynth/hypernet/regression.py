@@ -202,12 +202,6 @@ COV_TAU = (0.1, 0.2, 0.5, 1.0)
 COV_SHRINK = (0.05, 0.15, 0.3, 0.6)
 
 
-def sym_sqrt(cov: Tensor) -> Tensor:
-    """Symmetric square root of a batch of covariance matrices ``(..., K, K)`` (eigenvalues floored at 0)."""
-    val, vec = torch.linalg.eigh(cov.double())
-    return ((vec * val.clamp_min(0).sqrt().unsqueeze(-2)) @ vec.transpose(-1, -2)).to(cov.dtype)
-
-
 @dataclass
 class LocalCovariance:
     """The residual covariance around the conditional mean, as it varies with the face.
@@ -250,21 +244,21 @@ def fit_local_covariance(cond_raw: Tensor, resid: Tensor, val_cond_raw: Tensor, 
     training rows only). Shrink 1 (the global covariance, face-independent) is always a candidate.
     """
     glob = torch.cov(resid.double().T).float().reshape(resid.shape[1], resid.shape[1])
-    model = LocalCovariance(unit_rows(cond_raw.float()), resid.float(), max(COV_K), 1.0, 1.0, glob)
+    model = LocalCovariance(unit_rows(cond_raw.float()), resid.float(), max(COV_K), 1.0, 0.0, glob)
     vc, vr = val_cond_raw[:max_rows], val_resid[:max_rows]
-    scores, best, best_nll = {}, None, float("inf")
+    glob_nll = float(gaussian_nll(glob.expand(len(vc), -1, -1), vr).mean())  # shrink 1: face-independent
+    scores = {"shrink=1": glob_nll}
+    best, best_nll = (COV_K[0], COV_TAU[0], 1.0), glob_nll
     for k in COV_K:
         for tau in COV_TAU:
-            for shrink in COV_SHRINK + (1.0,):
-                if shrink == 1.0 and (k, tau) != (COV_K[0], COV_TAU[0]):
-                    continue
-                model.k, model.tau, model.shrink = k, tau, shrink
-                nll = float(gaussian_nll(model(vc), vr).mean())
+            model.k, model.tau, model.shrink = k, tau, 0.0
+            local = model(vc)  # the neighbour part, mixed with the global one for every shrink
+            for shrink in COV_SHRINK:
+                nll = float(gaussian_nll((1 - shrink) * local + shrink * glob, vr).mean())
                 scores[f"k={k},tau={tau:g},shrink={shrink:g}"] = nll
                 if nll < best_nll:
                     best, best_nll = (k, tau, shrink), nll
     model.k, model.tau, model.shrink = best
-    glob_nll = min(v for key, v in scores.items() if key.endswith("shrink=1"))
     return model, {"k": best[0], "tau": best[1], "shrink": best[2], "validation_nll": best_nll,
                    "global_validation_nll": glob_nll, "on": f"{len(vc)} validation rows, Gaussian log-likelihood"}
 
@@ -276,10 +270,8 @@ PAIR_K = (8, 16, 32, 64, 128)
 def top_neighbours(query_raw: Tensor, db_raw: Tensor, k: int, batch: int = 2048) -> Tensor:
     """Indices ``(n, k)`` of the ``k`` rows of ``db_raw`` most cosine-similar to each query row."""
     db = unit_rows(db_raw.float())
-    k = min(k, len(db))
-    out = [(unit_rows(query_raw[i : i + batch].float()) @ db.T).topk(k, dim=1).indices
-           for i in range(0, len(query_raw), batch)]
-    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long)
+    out = [neighbour_weights(query_raw[i : i + batch], db, k, 1.0)[1] for i in range(0, len(query_raw), batch)]
+    return torch.cat(out) if out else torch.zeros(0, min(k, len(db)), dtype=torch.long)
 
 
 def choose_pair_neighbours(cond_raw: Tensor, resid: Tensor, val_cond_raw: Tensor, val_resid: Tensor,
@@ -317,5 +309,5 @@ def choose_pair_neighbours(cond_raw: Tensor, resid: Tensor, val_cond_raw: Tensor
                         + (" in raw latent units" if energy is None else " (given score)")}
 
 
-__all__ = ["KernelMean", "LocalCovariance", "neighbour_weights", "energy_scores", "top_neighbours", "choose_pair_neighbours", "PAIR_K", "fit_local_covariance", "gaussian_nll", "sym_sqrt", "NeighbourMean", "fit_kernel_mean", "fit_neighbour_mean", "cross_fit_neighbours", "make_folds",
+__all__ = ["KernelMean", "LocalCovariance", "neighbour_weights", "energy_scores", "top_neighbours", "choose_pair_neighbours", "PAIR_K", "fit_local_covariance", "gaussian_nll", "NeighbourMean", "fit_kernel_mean", "fit_neighbour_mean", "cross_fit_neighbours", "make_folds",
            "unit_rows", "GAMMA_GRID", "RIDGE_GRID", "NEIGHBOUR_K", "NEIGHBOUR_TAU", "MIX_GRID"]
