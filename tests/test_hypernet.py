@@ -372,3 +372,11 @@ def test_a_hypernet_file_with_mismatched_covariance_tensors_is_one_model_error(t
     save_file(tensors, str(tmp_path / "hypernet.safetensors"), {"format": "lorasynth-hypernet", "version": "2"})
     with pytest.raises(ModelError, match="do not match"):
         Hypernet.load(tmp_path)
+    # a file from before the scaling was named resid_to_x0 has the covariance but not the scaling:
+    # loading it with an identity scaling would sample on the wrong scale without a word
+    h.export(tmp_path)
+    tensors = load_file(str(tmp_path / "hypernet.safetensors"))
+    tensors["resid_whiten"] = tensors.pop("resid_to_x0")
+    save_file(tensors, str(tmp_path / "hypernet.safetensors"), {"format": "lorasynth-hypernet", "version": "2"})
+    with pytest.raises(ModelError, match="without resid_to_x0"):
+        Hypernet.load(tmp_path)

@@ -586,6 +586,10 @@ class Hypernet(nn.Module):
                         buf.copy_(tensors[key])
                 elif version >= 2 and key not in _OPTIONAL_KEYS:
                     raise KeyError(key)
+            # the covariance tensors come as a set: a file with the neighbour residuals but without
+            # e.g. ``resid_to_x0`` would sample on the wrong scale, silently
+            if len(tensors.get("cov_resid", ())) and (missing := [k for k in _COV_KEYS if k not in tensors]):
+                raise KeyError(f"local residual covariance without {', '.join(missing)}")
         except (RuntimeError, KeyError) as exc:
             raise ModelError(f"{w_path} does not match its config: {exc}") from exc
         if module.landmarks.ndim != 2 or module.landmarks.shape[1] != config.cond_dim or \
