@@ -249,6 +249,17 @@ def delta_gram(layout, x, y) -> np.ndarray:
     return out.numpy()
 
 
+def _face_delta_gram(layout: Layout, x: torch.Tensor) -> torch.Tensor:
+    """``<dW(x[n, s]), dW(x[n, t])>`` for every face ``n``: ``x`` (n, S, D) -> (n, S, S) float64."""
+    n, s, d = x.shape
+    g = torch.zeros(n, s, s, dtype=torch.float64)
+    for b, a in _module_factor_views(layout, x.reshape(n * s, d)):  # one module at a time
+        b = b.reshape(n, s, *b.shape[1:])
+        a = a.reshape(n, s, *a.shape[1:])
+        g += torch.einsum("nsoi,ntoj,nsip,ntjp->nst", b, b, a, a)
+    return g
+
+
 def delta_energy_scores(layout: Layout, samples, truth) -> np.ndarray:
     """Energy score of each row in delta-W space (Frobenius distances): ``samples`` (n, S, D) flat
     vectors for ``truth`` (n, D) -> (n,); lower is better.
@@ -259,18 +270,20 @@ def delta_energy_scores(layout: Layout, samples, truth) -> np.ndarray:
     """
     samples = torch.as_tensor(np.asarray(samples), dtype=torch.float64)
     truth = torch.as_tensor(np.asarray(truth), dtype=torch.float64)
-    n, s, d = samples.shape
-    x = torch.cat([samples, truth[:, None]], dim=1)  # (n, S+1, D): the truth is the last row
-    g = torch.zeros(n, s + 1, s + 1, dtype=torch.float64)
-    for b, a in _module_factor_views(layout, x.reshape(n * (s + 1), d)):  # batched Gram, one module at a time
-        b = b.reshape(n, s + 1, *b.shape[1:])
-        a = a.reshape(n, s + 1, *a.shape[1:])
-        g += torch.einsum("nsoi,ntoj,nsip,ntjp->nst", b, b, a, a)
+    s = samples.shape[1]
+    g = _face_delta_gram(layout, torch.cat([samples, truth[:, None]], dim=1))  # the truth is the last row
     diag = torch.diagonal(g, dim1=1, dim2=2)
     dist = (diag[:, :, None] + diag[:, None, :] - 2 * g).clamp_min(0).sqrt()
     fit = dist[:, :s, s].mean(dim=1)
     pair = dist[:, :s, :s].sum(dim=(1, 2)) / max(s * (s - 1), 1)
     return (fit - 0.5 * pair).numpy()
+
+
+def delta_cosine_blocks(layout: Layout, x) -> np.ndarray:
+    """Delta-W cosines among each face's rows: ``x`` (n, S, D) flat vectors -> (n, S, S)."""
+    g = _face_delta_gram(layout, torch.as_tensor(np.asarray(x), dtype=torch.float64))
+    norm = torch.diagonal(g, dim1=1, dim2=2).clamp_min(1e-300).sqrt()
+    return (g / (norm[:, :, None] * norm[:, None, :])).numpy()
 
 
 def delta_cosine(layout: Layout, x, y) -> torch.Tensor:

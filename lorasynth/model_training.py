@@ -97,6 +97,38 @@ def delta_energy(latent, layout, max_rows: int = 200):
     return energy
 
 
+def delta_cosines(latent, layout, max_rows: int = 200):
+    """Delta-W cosines among each face's raw latents: ``f(x (n, S, K)) -> (n, S, S)`` on at most
+    ``max_rows`` faces (decoded by ``latent``, :func:`lorasynth.layout.delta_cosine_blocks`)."""
+    from .layout import delta_cosine_blocks
+
+    @torch.no_grad()
+    def cosines(x: torch.Tensor) -> torch.Tensor:
+        x = x[:max_rows]
+        n, s, k = x.shape
+        v = latent.destandardize(latent.decode(x.reshape(n * s, k).float())).double().cpu().numpy()
+        return torch.from_numpy(delta_cosine_blocks(layout, v.reshape(n, s, -1)))
+
+    return cosines
+
+
+def look_alike_spread_of(z: torch.Tensor, cond: torch.Tensor, val_z: torch.Tensor, val_cond: torch.Tensor, cosines,
+                         k: int = 32, max_rows: int = 400) -> tuple[float, dict]:
+    """:func:`~lorasynth.hypernet.regression.look_alike_spread` of validation faces and their ``k``
+    nearest training faces (raw latents ``z`` / ``val_z``, raw conditions; ``cosines`` from
+    :func:`delta_cosines`): the spread the sampler's draws for one face should have."""
+    from .hypernet.regression import look_alike_spread, top_neighbours, unit_rows
+
+    vz, vc = val_z[:max_rows], val_cond[:max_rows]
+    nb = top_neighbours(vc, cond, min(k, len(cond)))
+    sims = (unit_rows(vc.float())[:, None] * unit_rows(cond.float())[nb]).sum(-1)
+    cos = torch.cat([cosines(torch.cat([vz[i : i + 100, None], z[nb[i : i + 100]]], dim=1))[:, 0, 1:]
+                     for i in range(0, len(vz), 100)])
+    value, report = look_alike_spread(sims, cos)
+    return value, {**report, "k": int(nb.shape[1]), "on": f"{len(vz)} validation faces and their {nb.shape[1]} "
+                   "nearest training faces"}
+
+
 def train_hypernet(model: SynthesisModel, train_cfg: TrainConfig | None = None, overrides: dict | None = None,
                    resume: bool = False, calibrate: bool = True):
     """Encode the rows with the latent model, fit the mean, train the residual diffusion, calibrate
@@ -133,7 +165,10 @@ def train_hypernet(model: SynthesisModel, train_cfg: TrainConfig | None = None, 
     if is_global_zero():  # calibration and export on rank 0 alone; the others wait at the barrier
         hyper = net.hypernet()
         if calibrate and val is not None:
-            net.calibration = calibrate_sampling(hyper, val[0], val[1], seed=cfg.seed, energy=energy)
+            cosines = delta_cosines(latent, pack.layout)
+            spread = look_alike_spread_of(z, cond, val[0], val[1], cosines) if len(val[0]) >= 20 else None
+            net.calibration = calibrate_sampling(hyper, val[0], val[1], seed=cfg.seed, energy=energy,
+                                                 pairwise=cosines, spread=spread)
         hyper.export(model.hypernet_dir, extra={"mean": net.mean_report, "calibration": net.calibration,
                                                 "covariance": net.cov_report, "residual_pairs": net.pair_report})
         model.save()

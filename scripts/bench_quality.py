@@ -30,6 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def _config_value(kv: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--set`` -> (key, JSON value, or the string itself)."""
+    key, _, value = kv.partition("=")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
 def run_world(name: str, args, root: Path) -> dict:
     from lorasynth.evaluate import evaluate
     from lorasynth.model_training import train_hypernet, train_latent
@@ -58,7 +67,8 @@ def run_world(name: str, args, root: Path) -> dict:
     timings["latent_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     net = train_hypernet(model, TrainConfig(max_steps=args.hypernet_steps, batch_size=256, lr=2e-3, **quiet),
-                         {"width": args.hypernet_width, "depth": args.hypernet_depth, "pair_neighbours": args.pair_neighbours})
+                         {"width": args.hypernet_width, "depth": args.hypernet_depth, "pair_neighbours": args.pair_neighbours,
+                          **dict(_config_value(kv) for kv in args.set)})
     timings["hypernet_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = evaluate(Synthesizer(model.path), n_samples=args.samples, oracle=lambda rows, n: world.oracle_vectors(rows, n),
@@ -106,6 +116,8 @@ def main() -> None:
     ap.add_argument("--hypernet-width", type=int, default=256)
     ap.add_argument("--hypernet-depth", type=int, default=2)
     ap.add_argument("--pair-neighbours", type=int, default=0, help="residual model's neighbours per face (0: chosen on validation)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="another HypernetConfig field, e.g. --set mean_condition=true (repeatable)")
     ap.add_argument("--vae-steps", type=int, default=0, help="also train a VAE and compare it with PCA (0: skip)")
     ap.add_argument("--samples", type=int, default=16, help="N of the mean-of-N mode")
     ap.add_argument("--eval-rows", type=int, default=0, help="score at most this many test rows (0: all)")

@@ -380,3 +380,27 @@ def test_a_hypernet_file_with_mismatched_covariance_tensors_is_one_model_error(t
     save_file(tensors, str(tmp_path / "hypernet.safetensors"), {"format": "lorasynth-hypernet", "version": "2"})
     with pytest.raises(ModelError, match="without resid_to_x0"):
         Hypernet.load(tmp_path)
+
+
+def test_temperature_makes_samples_as_alike_as_the_spread_target(trained):
+    """With a spread target, the calibrated temperature gives one face's samples that mean pairwise
+    cosine (here plain cosines of latents stand in for delta-W cosines); the grid's edges clamp."""
+    from lorasynth.hypernet.diffusion import _temperature_for_spread
+
+    assert _temperature_for_spread({0.5: 0.8, 1.0: 0.6, 1.5: 0.4}, 0.7) == 0.75
+    assert _temperature_for_spread({0.5: 0.8, 1.0: 0.6}, 0.9) == 0.5 and _temperature_for_spread({0.5: 0.8, 1.0: 0.6}, 0.1) == 1.0
+
+    def cosines(x):
+        x = x / x.norm(dim=-1, keepdim=True)
+        return x @ x.transpose(1, 2)
+
+    module, _, _ = trained
+    h = module.hypernet()
+    zv, cv = toy_world(100, seed=1)
+    for target in (0.8, 0.93):  # the toy latents share a large mean: raw cosines are high
+        report = calibrate_sampling(h, zv, cv, grid=((10, 1.0, 1.0),), pairwise=cosines, spread=(target, {"k": 1}))
+        assert float(h.spread_scale.mean()) == pytest.approx(report["chosen"]["temperature"]) and report["chosen"]["temperature"] != 1.0
+        x = h.sample(cv, num_steps=10, eta=1.0, n_samples=4).view(100, 4, -1)
+        alike = float(cosines(x)[:, ~torch.eye(4, dtype=torch.bool)].mean())
+        assert abs(alike - target) < 0.03, (target, alike, report["pairwise_cosine_by_temperature"])
+    assert "look-alike" in report["temperature_rule"]

@@ -4,8 +4,8 @@ The world hides 40% of each LoRA's code variance from the face embedding and giv
 two LoRAs. The model is split by person into train / validation / test. Held-out, the mean of N
 diffusion samples and the model's expected delta W (``synthesize --average``) must reach the
 kernel-ridge regression baseline and the blend (both tuned on validation), single samples must
-spread about like exact samples of the true conditional (the world's oracle; a little more
-allowed, never less), and the
+spread like exact samples of the true conditional (the world's oracle, within 0.05) and score at
+least 0.9 x its one sample, and the
 evaluation must refuse to score when a test person leaks into training, the latent statistics,
 the hypernetwork or the neighbour search. ``scripts/bench_quality.py`` runs the full grid.
 """
@@ -75,11 +75,15 @@ def test_samples_spread_like_the_oracle_and_do_not_memorize(results, world_model
     assert meta["residual_pairs"]["k"] in (8, 16, 32, 64, 128) and "validation" in meta["residual_pairs"]["on"]
     assert meta["covariance"]["validation_nll"] <= meta["covariance"]["global_validation_nll"]
     assert "delta W" in meta["calibration"]["on"]
+    # the temperature makes one face's samples as alike as the LoRAs of look-alike people are,
+    # estimated on validation people alone; that estimate is the oracle's spread (never seen)
+    spread = meta["calibration"]["look_alike_spread"]
+    print("look-alike spread:", spread, "oracle pairwise:", oracle["pairwise_cosine"])
+    assert abs(spread["pairwise_cosine"] - oracle["pairwise_cosine"]) < 0.05
+    assert "look-alike" in meta["calibration"]["temperature_rule"]
     # the old model: pairwise cosine 0.9999 (gap ~ +0.4). The oracle samples the exact conditional
-    # given the embedding; calibrated samples also carry the error of the estimated mean, so they
-    # may spread a little more than the oracle's (here -0.02), never less
-    assert -0.06 <= samples["spread_gap"] <= 0.05, samples
-    assert results["strategies"]["diffusion"]["delta_cosine_mean"] >= 0.87 * oracle["one_sample"]  # here 0.91
+    assert abs(samples["spread_gap"]) <= 0.05, samples  # here +0.03
+    assert results["strategies"]["diffusion"]["delta_cosine_mean"] >= 0.9 * oracle["one_sample"]  # here 0.95
     assert not results["memorization"]["memorizes"], results["memorization"]
     assert results["isolation"]["leaks"] == 0
 

@@ -10,6 +10,7 @@ from lorasynth.lora import LoRA
 from lorasynth.synthetic import (
     SyntheticWorldConfig,
     delta_cosine,
+    hard_world_config,
     make_world,
     tiny_layout,
 )
@@ -215,3 +216,41 @@ def test_delta_energy_score_uses_frobenius_distances_of_the_updates():
     np.testing.assert_allclose(delta_energy_scores(lay, samples, truth), want, rtol=1e-10)
     # a sampler that puts its samples on the truth scores better than one that scatters them
     assert delta_energy_scores(lay, np.repeat(truth[:, None], 5, 1), truth).mean() < delta_energy_scores(lay, samples, truth).mean()
+    # the per-face cosine blocks that measure how alike one face's samples are: dense cosines
+    from lorasynth.layout import delta_cosine_blocks
+
+    blocks = delta_cosine_blocks(lay, samples)
+    for i in range(3):
+        d = dense(samples[i])
+        d = d / d.norm(dim=1, keepdim=True)
+        np.testing.assert_allclose(blocks[i], (d @ d.T).numpy(), atol=1e-12)
+
+
+def test_look_alike_spread_recovers_the_oracle_spread_of_a_planted_world():
+    """The spread target of the sampler's temperature: how alike two people with the same face
+    embedding are, extrapolated from look-alike pairs, is the oracle's pairwise cosine."""
+    import torch
+
+    from lorasynth.evaluate import sample_scores
+    from lorasynth.hypernet.regression import look_alike_spread, top_neighbours, unit_rows
+    from lorasynth.layout import delta_cosine_blocks
+
+    # a line with noise: the intercept at embedding cosine 1
+    g = torch.Generator().manual_seed(0)
+    sims = 0.5 + 0.5 * torch.rand(200, 16, generator=g)
+    value, report = look_alike_spread(sims, 0.4 - 0.3 * (1 - sims) + 0.01 * torch.randn(200, 16, generator=g))
+    assert abs(value - 0.4) < 0.01 and abs(report["slope"] + 0.3) < 0.02
+    # a planted world: 160 query people against the nearest LoRAs of 1,440 other people
+    world = make_world(hard_world_config(1600, "tiny", visible_fraction=0.6, seed=3))
+    emb, vec = torch.from_numpy(world.embeddings).float(), world.vectors(np.arange(world.n))
+    person = np.asarray(world.person)
+    first = np.r_[True, person[1:] != person[:-1]]  # one LoRA per query person
+    q, db = np.flatnonzero((person % 10 == 0) & first), np.flatnonzero(person % 10 != 0)
+    nb = top_neighbours(emb[q], emb[db], 32)
+    s = (unit_rows(emb[q])[:, None] * unit_rows(emb[db])[nb]).sum(-1)
+    blocks = delta_cosine_blocks(world.layout, np.concatenate([vec[q][:, None], vec[db][nb.numpy()]], axis=1))
+    value, _ = look_alike_spread(s, torch.from_numpy(blocks[:, 0, 1:]))
+    oracle = sample_scores(world.layout, world.oracle_vectors(q, 8).astype(np.float64), vec[q].astype(np.float64))
+    print("look-alike spread", value, "oracle pairwise", oracle["pairwise_cosine"], "nearest", float(blocks[:, 0, 1].mean()))
+    assert abs(value - oracle["pairwise_cosine"]) < 0.03
+    assert value > float(blocks[:, 0, 1].mean()) + 0.02  # more than the nearest real neighbour says

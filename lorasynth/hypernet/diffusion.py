@@ -14,7 +14,8 @@
   warm-up + cosine decay, and an EMA of the weights that sampling and export use;
 * :func:`calibrate_sampling` picks the sampler settings (steps, DDIM eta, guidance) on
   validation people by the energy score, a proper scoring rule for samples: it rewards being
-  close to the truth *and* having the right spread (a collapsed sampler scores badly).
+  close to the truth *and* having the right spread (a collapsed sampler scores badly); and the
+  residual temperature that makes one face's samples as alike as the LoRAs of look-alike people.
 
 Lightning is imported here only; the exported model loads without it.
 """
@@ -360,19 +361,29 @@ TEMPERATURE_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)
 @torch.no_grad()
 def calibrate_sampling(model: Hypernet, val_latents: Tensor, val_conds: Tensor, samples: int = 4,
                        grid=CALIBRATION_GRID, seed: int = 0, max_rows: int = 400,
-                       temperatures=TEMPERATURE_GRID, energy=None) -> dict:
+                       temperatures=TEMPERATURE_GRID, energy=None, pairwise=None,
+                       spread: tuple[float, dict] | None = None) -> dict:
     """Choose the sampler settings and the residual temperature on validation people; updates ``model``.
 
     For every ``(num_steps, eta, guidance)`` of ``grid`` and every temperature (a factor on the
     sampled residual, stored as ``spread_scale``): sample ``samples`` latents per validation face
     and score them by the energy score against the validation truth, in raw latent units (a
-    strictly proper scoring rule: it rewards the right spread, not the oracle's). The sampler
-    setting with the best score at temperature 1 is kept; a temperature other than 1 only when
-    it beats temperature 1 by more than twice the standard error of the paired difference over
-    the validation rows (else the choice would follow sampling noise). The residual is linear in
-    the diffusion's sample, so a temperature scales it exactly. ``energy(samples (n, S, K), truth
-    (n, K)) -> (n,)`` on raw latents replaces the Euclidean energy score (e.g. one in delta-W space,
-    :func:`lorasynth.model_training.delta_energy`).
+    strictly proper scoring rule: it rewards the right spread, not the oracle's). ``energy(samples
+    (n, S, K), truth (n, K)) -> (n,)`` on raw latents replaces the Euclidean energy score (e.g. one
+    in delta-W space, :func:`lorasynth.model_training.delta_energy`). The sampler setting with the
+    best score at temperature 1 is kept. The residual is linear in the diffusion's sample, so a
+    temperature scales it exactly.
+
+    The temperature: with ``spread = (target, report)`` (the mean delta-W cosine of two LoRAs of
+    people with the same face, :func:`lorasynth.model_training.look_alike_spread_of`) and
+    ``pairwise(x (n, S, K)) -> (n, S, S)`` (delta-W cosines of raw latents), the temperature at
+    which one face's samples are as alike as that, interpolated on the grid. The energy score
+    would widen the samples by the mean's own error (it scores the predictive distribution: the
+    curved world's mean is 6% of the residual variance off, and the energy score then preferred
+    1.1 to 1.0), which the samples of one face all share already; each draw then strays further
+    from the person than real look-alikes do. Without ``spread``: a temperature other than 1 only
+    when its energy score beats temperature 1 by more than twice the standard error of the
+    paired difference over the validation rows (else the choice would follow sampling noise).
     """
     z = torch.as_tensor(val_latents, dtype=torch.float32)[:max_rows]
     c = torch.as_tensor(val_conds, dtype=torch.float32)[:max_rows]
@@ -380,26 +391,52 @@ def calibrate_sampling(model: Hypernet, val_latents: Tensor, val_conds: Tensor, 
     mean = model.conditional_mean(cn)
     model.spread_scale.fill_(1.0)
     std = model.latent_std
-    scores, rows = {}, {}
+    scores, rows, resids = {}, {}, {}
+    temps = sorted(set(temperatures) | {1.0})
     for steps, eta, g in grid:
         x = model.sample(c, num_steps=steps, eta=eta, guidance=g, seed=seed, n_samples=samples)
-        res = model.normalize_latent(x).view(len(c), samples, -1) - mean[:, None]
-        for temp in sorted(set(temperatures) | {1.0}):
+        res = resids[(steps, eta, g)] = model.normalize_latent(x).view(len(c), samples, -1) - mean[:, None]
+        for temp in temps:
             xs = mean[:, None] + temp * res
             rows[(steps, eta, g, temp)] = (energy_scores(xs * std, zn * std) if energy is None else
                                            energy(model.denormalize_latent(xs), z).float())
             scores[(steps, eta, g, temp)] = float(rows[(steps, eta, g, temp)].mean())
     steps, eta, g = min(grid, key=lambda s_: scores[(*s_, 1.0)])
     one = (steps, eta, g, 1.0)
-    key = min((k for k in scores if k[:3] == one[:3]), key=scores.get)
-    diff = rows[one] - rows[key]
-    if key != one and float(diff.mean()) <= 2 * float(diff.std()) / max(len(diff), 1) ** 0.5:
-        key = one
-    best, temp = scores[key], key[3]
+    by_mean = min((k for k in scores if k[:3] == one[:3]), key=scores.get)
+    report: dict = {}
+    if spread is not None and pairwise is not None and samples > 1:
+        target, spread_report = spread
+        res = resids[one[:3]]
+        off = ~torch.eye(samples, dtype=torch.bool)
+        alike = {t: float(pairwise(model.denormalize_latent(mean[:, None] + t * res))[:, off].mean()) for t in temps}
+        temp = _temperature_for_spread(alike, target)
+        report = {"temperature_rule": "samples of one face as alike as the LoRAs of look-alike people",
+                  "look_alike_spread": spread_report, "pairwise_cosine_by_temperature": {f"{t:g}": v for t, v in alike.items()}}
+    else:
+        key = by_mean
+        diff = rows[one] - rows[key]
+        if key != one and float(diff.mean()) <= 2 * float(diff.std()) / max(len(diff), 1) ** 0.5:
+            key = one
+        temp = key[3]
+        report = {"temperature_rule": "energy score (a temperature other than 1 only when clearly better)"}
     model.spread_scale.fill_(temp)
     model.sampling_defaults.update(num_steps=steps, eta=eta, guidance=g, scheduler="ddim")
-    return {"chosen": {"num_steps": steps, "eta": eta, "guidance": g, "temperature": temp}, "energy_score": best,
-            "energy_score_at_temperature_1": scores[one],
-            "best_temperature_by_mean": min((k for k in scores if k[:3] == one[:3]), key=scores.get)[3],
+    return {"chosen": {"num_steps": steps, "eta": eta, "guidance": g, "temperature": temp},
+            "energy_score_at_temperature_1": scores[one], "best_temperature_by_energy": by_mean[3], **report,
             "grid": {f"steps={s},eta={e:g},guidance={gg:g},temperature={t:g}": v for (s, e, gg, t), v in scores.items()},
             "on": f"{len(c)} validation rows, energy score " + ("in raw latent units" if energy is None else "of delta W")}
+
+
+def _temperature_for_spread(alike: dict[float, float], target: float) -> float:
+    """The temperature whose samples' mean pairwise cosine is ``target`` (``alike``: temperature ->
+    pairwise cosine, falling as the temperature rises), linearly interpolated, clamped to the grid."""
+    temps = sorted(alike)
+    if target >= alike[temps[0]]:
+        return temps[0]
+    for lo, hi in zip(temps, temps[1:]):
+        if alike[hi] <= target:
+            span = alike[lo] - alike[hi]
+            frac = (alike[lo] - target) / span if span > 0 else 0.0
+            return round(lo + frac * (hi - lo), 3)
+    return temps[-1]

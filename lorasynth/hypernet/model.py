@@ -16,7 +16,9 @@ A LoRA latent (PCA coefficients or LoRA-VAE mean, standardized per dimension) is
   expected delta W of a face in closed form (:meth:`Hypernet.expected_latents`, ``synthesize
   --average``): delta W is a product of factors, so its mean is not the delta W of the mean
   latent, it adds a second-order term of the spread;
-* a residual temperature (``spread_scale``) is calibrated on validation by energy score.
+* a residual temperature (``spread_scale``) is calibrated on validation people: one face's
+  samples are made as alike as the LoRAs of two people with the same face embedding are
+  (:func:`~.regression.look_alike_spread`).
 
 :class:`Hypernet` holds the denoiser (EMA weights), the statistics and the mean, and samples
 with a DDIM sampler (``eta`` 0 = deterministic ODE, 1 = DDPM-like) written here in a few lines
@@ -273,8 +275,8 @@ class Hypernet(nn.Module):
         self.register_buffer("cond_mean", torch.zeros(c))
         self.register_buffer("cond_scale", torch.ones(()))
         self.register_buffer("resid_std", torch.ones(k))
-        # per-dimension factor on sampled residuals, calibrated on validation people so that samples
-        # spread as much as held-out residuals do (a slightly under-fitted denoiser shrinks them)
+        # factor on sampled residuals (the temperature, the same for every dimension), calibrated on
+        # validation people so that one face's samples are as alike as look-alike people's LoRAs
         self.register_buffer("spread_scale", torch.ones(k))
         self.register_buffer("landmarks", torch.zeros(0, c))
         self.register_buffer("coef", torch.zeros(0, k))

@@ -309,5 +309,23 @@ def choose_pair_neighbours(cond_raw: Tensor, resid: Tensor, val_cond_raw: Tensor
                         + (" in raw latent units" if energy is None else " (given score)")}
 
 
-__all__ = ["KernelMean", "LocalCovariance", "neighbour_weights", "energy_scores", "top_neighbours", "choose_pair_neighbours", "PAIR_K", "fit_local_covariance", "gaussian_nll", "NeighbourMean", "fit_kernel_mean", "fit_neighbour_mean", "cross_fit_neighbours", "make_folds",
+def look_alike_spread(emb_sims: Tensor, delta_cos: Tensor) -> tuple[float, dict]:
+    """How alike the LoRAs of two people with *the same* face embedding are (mean delta-W cosine),
+    extrapolated from look-alike pairs: the intercept at embedding cosine 1 of the least-squares
+    line ``delta_cos = a + b * (1 - emb_sims)`` over (validation face, one of its nearest training
+    faces) pairs, ``emb_sims`` and ``delta_cos`` both (n, k). Two people whose faces look
+    the same still differ in what the photo does not show; this is how much, which is the spread
+    a sampler's draws for one face should have (a variogram's nugget). Returns ``(a, report)``.
+    """
+    x = (1 - emb_sims.double()).reshape(-1)
+    y = delta_cos.double().reshape(-1)
+    design = torch.stack([torch.ones_like(x), x], dim=1)
+    a, b = torch.linalg.lstsq(design, y[:, None]).solution[:, 0].tolist()
+    a = min(max(a, -1.0), 1.0)
+    return a, {"pairwise_cosine": a, "slope": b, "pairs": int(len(x)),
+               "nearest_embedding_cosine_median": float(emb_sims[:, 0].median()),
+               "nearest_delta_cosine_mean": float(delta_cos[:, 0].mean())}
+
+
+__all__ = ["look_alike_spread", "KernelMean", "LocalCovariance", "neighbour_weights", "energy_scores", "top_neighbours", "choose_pair_neighbours", "PAIR_K", "fit_local_covariance", "gaussian_nll", "NeighbourMean", "fit_kernel_mean", "fit_neighbour_mean", "cross_fit_neighbours", "make_folds",
            "unit_rows", "GAMMA_GRID", "RIDGE_GRID", "NEIGHBOUR_K", "NEIGHBOUR_TAU", "MIX_GRID"]
