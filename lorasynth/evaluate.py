@@ -234,18 +234,23 @@ def regression_baseline(syn: Synthesizer, test_rows: np.ndarray):
 def evaluate(syn: Synthesizer, strategies=("diffusion", "blend", "nearest"), max_items: int | None = None,
              settings: SynthesisSettings | None = None, pca_baseline: bool = True, n_samples: int = 16,
              oracle: Callable[[np.ndarray, int], np.ndarray] | None = None, memorization: bool = True,
-             tune: bool = True) -> dict:
+             tune: bool = True, split: str = "test") -> dict:
     """Held-out metrics per strategy (see module docstring).
 
     ``oracle(rows, n)``: exact samples ``(len(rows), n, D)`` of the true conditional of pack rows
     (a planted world's :meth:`~lorasynth.synthetic.SyntheticWorld.oracle_vectors`).
     ``tune``: also tune blend on validation and fit the regression baseline.
+    ``split``: score the ``"test"`` people (the final number) or the ``"validation"`` people (for
+    comparing designs without looking at the test people; the blend tuned on them is then
+    optimistic, the other strategies are as held-out as on test).
     """
     s = settings or SynthesisSettings()
     layout, pack = syn.layout, syn.pack
-    test = np.asarray(syn.model.info.heldout_ids)
+    if split not in ("test", "validation"):
+        raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
+    test = np.asarray(syn.model.info.heldout_ids if split == "test" else syn.model.info.val_ids, dtype=np.int64)
     if len(test) == 0:
-        raise ValueError("the model has no held-out rows: train it with --holdout FRACTION to evaluate")
+        raise ValueError(f"the model has no {split} rows: train it with --holdout FRACTION to evaluate")
     isolation = check_isolation(syn)
     if max_items:
         test = test[:max_items]
@@ -254,7 +259,7 @@ def evaluate(syn: Synthesizer, strategies=("diffusion", "blend", "nearest"), max
     truth_t = torch.from_numpy(truth)
     cond = _unit(pack.read_embeddings(test))
     tt = _self_inner(layout, truth)
-    results: dict = {"heldout": int(len(test)), "train": int(len(syn.train_rows)), "validation": int(len(val)),
+    results: dict = {"split": split, "heldout": int(len(test)), "train": int(len(syn.train_rows)), "validation": int(len(val)),
                      "layout": layout.signature, "embedder": syn.model.info.embedder, "isolation": isolation,
                      "strategies": {}}
     st = results["strategies"]

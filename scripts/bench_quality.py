@@ -72,13 +72,13 @@ def run_world(name: str, args, root: Path) -> dict:
     timings["hypernet_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = evaluate(Synthesizer(model.path), n_samples=args.samples, oracle=lambda rows, n: world.oracle_vectors(rows, n),
-                   max_items=args.eval_rows or None)
+                   max_items=args.eval_rows or None, split=args.split)
     timings["eval_s"] = time.perf_counter() - t0
     s = {k: v["delta_cosine_mean"] for k, v in res["strategies"].items()}
     oracle, spread = res["oracle"], res["samples"]
     regression = max(s["regression"], s.get("blend_tuned", -1.0))
     out = {
-        "split": {"train": res["train"], "validation": res["validation"], "test": res["heldout"]},
+        "split": {"train": res["train"], "validation": res["validation"], "test": res["heldout"], "scored": res["split"]},
         "held_out_delta_cosine": s,
         "oracle": {"one_sample": oracle["one_sample"], "mean_of_n": oracle["mean_of_n"]},
         "pairwise_cosine": {"samples": spread["pairwise_cosine"], "oracle": spread["oracle_pairwise_cosine"],
@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--vae-steps", type=int, default=0, help="also train a VAE and compare it with PCA (0: skip)")
     ap.add_argument("--samples", type=int, default=16, help="N of the mean-of-N mode")
     ap.add_argument("--eval-rows", type=int, default=0, help="score at most this many test rows (0: all)")
+    ap.add_argument("--split", choices=("test", "validation"), default="test",
+                    help="score the test people (the final number) or the validation people (to compare designs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="keep the packs/models here (default: a temp dir)")

@@ -56,6 +56,20 @@ def test_split_is_by_person(world_model):
     assert len(model.info.heldout_ids) == 2 * len(test)  # both LoRAs of every test person
 
 
+def test_designs_can_be_compared_on_validation_people(world_model):
+    """``evaluate(split="validation")`` scores the validation people, never the test people."""
+    _, root = world_model
+    syn = Synthesizer(root / "model")
+    res = evaluate(syn, strategies=("nearest",), tune=False, memorization=False, pca_baseline=False,
+                   split="validation")
+    assert res["split"] == "validation" and res["heldout"] == len(syn.model.info.val_ids)
+    test = evaluate(syn, strategies=("nearest",), tune=False, memorization=False, pca_baseline=False)
+    assert test["split"] == "test" and test["heldout"] == len(syn.model.info.heldout_ids)
+    assert res["strategies"]["nearest"] != test["strategies"]["nearest"]
+    with pytest.raises(ValueError, match="split"):
+        evaluate(syn, split="train")
+
+
 def test_average_beats_the_regression_baselines(results):
     cos = {k: v["delta_cosine_mean"] for k, v in results["strategies"].items()}
     print("held-out delta-W cosine:", json.dumps(cos), "oracle:", results["oracle"], "samples:", results["samples"])
