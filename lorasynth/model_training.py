@@ -97,17 +97,23 @@ def delta_energy(latent, layout, max_rows: int = 200):
     return energy
 
 
-def delta_cosines(latent, layout, max_rows: int = 200):
+def delta_cosines(latent, layout, max_rows: int = 400, chunk_bytes: int = 256 << 20):
     """Delta-W cosines among each face's raw latents: ``f(x (n, S, K)) -> (n, S, S)`` on at most
-    ``max_rows`` faces (decoded by ``latent``, :func:`lorasynth.layout.delta_cosine_blocks`)."""
+    ``max_rows`` faces (decoded by ``latent``, :func:`lorasynth.layout.delta_cosine_blocks`), a
+    few faces at a time (about ``chunk_bytes`` of decoded vectors: a w2w LoRA is 99,648 values)."""
     from .layout import delta_cosine_blocks
 
     @torch.no_grad()
     def cosines(x: torch.Tensor) -> torch.Tensor:
         x = x[:max_rows]
         n, s, k = x.shape
-        v = latent.destandardize(latent.decode(x.reshape(n * s, k).float())).double().cpu().numpy()
-        return torch.from_numpy(delta_cosine_blocks(layout, v.reshape(n, s, -1)))
+        step = max(1, chunk_bytes // (s * layout.size * 8))
+        out = []
+        for i in range(0, n, step):
+            part = x[i : i + step]
+            v = latent.destandardize(latent.decode(part.reshape(-1, k).float())).double().cpu().numpy()
+            out.append(torch.from_numpy(delta_cosine_blocks(layout, v.reshape(len(part), s, -1))))
+        return torch.cat(out) if out else torch.zeros(0, s, s, dtype=torch.float64)
 
     return cosines
 
@@ -122,8 +128,7 @@ def look_alike_spread_of(z: torch.Tensor, cond: torch.Tensor, val_z: torch.Tenso
     vz, vc = val_z[:max_rows], val_cond[:max_rows]
     nb = top_neighbours(vc, cond, min(k, len(cond)))
     sims = (unit_rows(vc.float())[:, None] * unit_rows(cond.float())[nb]).sum(-1)
-    cos = torch.cat([cosines(torch.cat([vz[i : i + 100, None], z[nb[i : i + 100]]], dim=1))[:, 0, 1:]
-                     for i in range(0, len(vz), 100)])
+    cos = cosines(torch.cat([vz[:, None], z[nb]], dim=1))[:, 0, 1:]
     value, report = look_alike_spread(sims, cos)
     return value, {**report, "k": int(nb.shape[1]), "on": f"{len(vz)} validation faces and their {nb.shape[1]} "
                    "nearest training faces"}
