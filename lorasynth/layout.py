@@ -256,7 +256,9 @@ def _face_delta_gram(layout: Layout, x: torch.Tensor) -> torch.Tensor:
     for b, a in _module_factor_views(layout, x.reshape(n * s, d)):  # one module at a time
         b = b.reshape(n, s, *b.shape[1:])
         a = a.reshape(n, s, *a.shape[1:])
-        g += torch.einsum("nsoi,ntoj,nsip,ntjp->nst", b, b, a, a)
+        # <B_s A_s, B_t A_t> = sum_ij (B_s^T B_t)_ij (A_s A_t^T)_ij: two small Grams (one 4-operand
+        # einsum was 40x slower on the w2w layout)
+        g += (torch.einsum("nsoi,ntoj->nstij", b, b) * torch.einsum("nsip,ntjp->nstij", a, a)).sum((-1, -2))
     return g
 
 
