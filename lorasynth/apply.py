@@ -36,6 +36,34 @@ def pipeline_tree(pipe) -> ModuleTree:
     return ModuleTree.from_models(models.get("unet"), models.get("text_encoder"))
 
 
+def base_tree(base: str) -> ModuleTree:
+    """Module tree of the base model ``base`` (as :func:`lorasynth.pipeline.load_pipeline` takes it),
+    for checking LoRA files against a model other than SD1.5. A local diffusers folder is built
+    on the meta device from its ``unet`` / ``text_encoder`` configs (no weights read, about a
+    second); a hub id or single-file checkpoint is loaded."""
+    from pathlib import Path
+
+    from .errors import ModelError
+
+    root = Path(base).expanduser()
+    if (root / "unet" / "config.json").is_file():
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        try:
+            with torch.device("meta"):
+                unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
+                text = None
+                if (root / "text_encoder" / "config.json").is_file():
+                    text = CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder"))
+        except (OSError, ValueError, TypeError) as exc:
+            raise ModelError(f"{base}: unreadable model config ({exc})") from exc
+        return ModuleTree.from_models(unet, text)
+    from .pipeline import load_pipeline
+
+    return pipeline_tree(load_pipeline(base))
+
+
 def _target_layers(models: dict[str, torch.nn.Module], loras: Sequence[LoRAWithScale]) -> dict[str, torch.nn.Module]:
     """Find every target layer and check its shape, before anything is modified."""
     layers: dict[str, torch.nn.Module] = {}

@@ -347,6 +347,8 @@ Latent model: {lat['kind']} with {lat['latent_dim']} dims, held-out reconstructi
 {files}
 - `eval.json`, `summary.json`
 
+The LoRAs are for the demo's small base model, not SD1.5: `lorasynth inspect FILE --base {s['base_model']}`.
+
 ## Timings (seconds)
 | step | s |
 |---|---|

@@ -9,7 +9,7 @@ from lorasynth.cli.main import main
 from lorasynth.formats import load_lora, save_lora
 from lorasynth.pipeline import read_png_metadata
 
-from helpers import ATTN, sd15_lora
+from helpers import ATTN, random_lora, sd15_lora
 
 
 @pytest.fixture
@@ -25,6 +25,24 @@ def test_inspect_json(two_loras, capsys):
     assert info["format"] == "kohya" and info["modules"] == 2 and info["ranks"] == [2]
     assert info["params"] == 2 * (320 + 320) + 2 * (768 + 320)
     assert len(info["module_list"]) == 2 and info["delta_frobenius_norm"] > 0
+
+
+def test_lora_file_commands_check_against_another_base_with_base(tiny_pipeline_dir, tiny_pipeline, tmp_path, capsys):
+    """A LoRA for a model other than SD1.5 (the demo's small base): refused with a hint, read with --base."""
+    from lorasynth.apply import base_tree, pipeline_tree
+
+    tree = base_tree(str(tiny_pipeline_dir))  # built on the meta device from the folder's configs
+    assert tree.shapes == pipeline_tree(tiny_pipeline).shapes  # the same modules as the loaded model
+    names = sorted(n for n in tree.shapes if n.endswith("attn1.to_q"))[:2]
+    f = save_lora(random_lora({n: tree.shapes[n] for n in names}, 2, 2.0, 0), tmp_path / "small.safetensors")
+    assert main(["inspect", str(f)]) == 2
+    assert "--base MODEL" in capsys.readouterr().err
+    assert main(["inspect", str(f), "--base", str(tiny_pipeline_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["modules"] == 2
+    assert main(["convert", str(f), str(tmp_path / "d.safetensors"), "--to", "diffusers", "--base", str(tiny_pipeline_dir)]) == 0
+    assert main(["blend", f"{f}=0.5", f"{tmp_path / 'd.safetensors'}=0.5", "--base", str(tiny_pipeline_dir),
+                 "-o", str(tmp_path / "m.safetensors")]) == 0
+    assert main(["inspect", str(f), "--base", str(tmp_path / "nowhere")]) == 2
 
 
 def test_convert_and_blend(two_loras, tmp_path, capsys):

@@ -53,6 +53,9 @@ def add_format_options(sub) -> None:
     """Options every LoRA-file command shares: ``--alpha`` for peft adapters; peft output notes."""
     for name in ("inspect", "convert", "blend"):
         sub.choices[name].add_argument("--alpha", type=float, default=None, help=ALPHA_HELP)
+        sub.choices[name].add_argument("--base", default=None, metavar="MODEL",
+                                       help="check the modules against this base model (a diffusers folder, hub id "
+                                            "or .safetensors checkpoint) instead of SD1.5's")
     sub.choices["convert"].epilog = ((sub.choices["convert"].epilog or "") +
                                      "\n--to peft writes OUTPUT as a folder (adapter_model.safetensors + "
                                      "adapter_config.json), or beside OUTPUT if it ends in .safetensors.").strip()
@@ -71,15 +74,25 @@ def parse_weighted(item: str, default: float | None = None) -> tuple[str, float]
         raise LorasynthError(f"weight in {item!r} is not a number") from None
 
 
-def load_reporting(path, **kwargs):
-    """``load_lora`` printing each FormatWarning as one ``lorasynth: warning:`` line on stderr."""
+def load_reporting(path, base: str | None = None, **kwargs):
+    """``load_lora`` printing each FormatWarning as one ``lorasynth: warning:`` line on stderr;
+    ``base``: check the modules against that model instead of SD1.5 (``--base``)."""
     import warnings
 
-    from ..formats import FormatWarning, load_lora
+    from ..formats import FormatError, FormatWarning, load_lora
 
+    if base is not None:
+        from ..apply import base_tree
+
+        kwargs["tree"] = base_tree(base)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FormatWarning)
-        lora = load_lora(path, **kwargs)
+        try:
+            lora = load_lora(path, **kwargs)
+        except FormatError as exc:
+            if kwargs.get("tree") is None and "another base model" in str(exc):  # checked against SD1.5
+                raise FormatError(f"{exc}; --base MODEL checks it against that model") from exc
+            raise
     for w in caught:
         if issubclass(w.category, FormatWarning):
             print(f"lorasynth: warning: {w.message}", file=sys.stderr)
@@ -119,7 +132,7 @@ def summarize(lora) -> dict:
 def cmd_inspect(args) -> int:
     import torch
 
-    lora = load_reporting(args.file, alpha=args.alpha)
+    lora = load_reporting(args.file, base=args.base, alpha=args.alpha)
     info = summarize(lora)
     if args.modules or args.json:
         info["module_list"] = [
@@ -148,7 +161,7 @@ def cmd_inspect(args) -> int:
 def cmd_convert(args) -> int:
     from ..formats import save_lora
 
-    lora = load_reporting(args.input, alpha=args.alpha)
+    lora = load_reporting(args.input, base=args.base, alpha=args.alpha)
     written = save_lora(lora, args.output, args.to)
     print(f"wrote {written} ({args.to}, {len(lora)} modules)")
     return 0
@@ -159,7 +172,12 @@ def cmd_blend(args) -> int:
     from ..formats import merged_metadata, save_lora
 
     pairs = [parse_weighted(i) for i in args.items]
-    loras = [load_reporting(p, alpha=args.alpha) for p, _ in pairs]
+    tree = None
+    if args.base is not None:
+        from ..apply import base_tree
+
+        tree = base_tree(args.base)  # built once for every input
+    loras = [load_reporting(p, alpha=args.alpha, tree=tree) for p, _ in pairs]
     out, report = blend(loras, [w for _, w in pairs], rank=args.rank)
     out.metadata.update(merged_metadata([(Path(p).name, lora.metadata) for (p, _), lora in zip(pairs, loras)]))
     out.metadata["lorasynth.blend_sources"] = json.dumps([[Path(p).name, w] for p, w in pairs])
