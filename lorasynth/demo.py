@@ -52,7 +52,14 @@ class DemoConfig:
     seed: int = 0
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """The cache folder's name: this config and :data:`CACHE_VERSION` (a cache made by older
+        training code is not reused)."""
+        data = {**asdict(self), "cache_version": CACHE_VERSION}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+#: Bumped when the training code changes what the cached models are (2: the look-alike temperature).
+CACHE_VERSION = 2
 
 
 SMOKE = DemoConfig(identities=300, trained_identities=1, train_steps=4, train_resolution=32, latent_dim=16,
