@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .errors import LorasynthError, ModelError
-from .formats.safe_io import write_text
+from .formats.safe_io import parse_json, write_text
 from .layout import Layout
 
 MODEL_FILE = "lorasynth_model.json"
@@ -66,14 +66,7 @@ class ModelInfo:
         def bad(why: str) -> ModelError:
             return ModelError(f"{where} is corrupt: {why}")
 
-        try:
-            raw = json.loads(data.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise bad("not UTF-8 text") from None
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise bad(f"not valid JSON ({str(e).splitlines()[0][:120]})") from None
-        if not isinstance(raw, dict):
-            raise bad(f"expected a JSON object, got {type(raw).__name__}")
+        raw = parse_json(data, f"{where} is corrupt", error=ModelError)  # UTF-8, depth, duplicate keys, an object
         known = {f.name for f in fields(cls)}
         missing = {"layout", "layout_signature", "embedder", "embed_dim", "pack"} - set(raw)
         if missing:

@@ -290,6 +290,8 @@ def test_from_pretrained_reads_a_hub_id_from_the_local_cache_offline(model_dir, 
     ("not_utf8", "not UTF-8"),
     ("string_layout", "field 'layout' has an invalid value"),
     ("bad_json", "not valid JSON"),
+    ("deep", "levels deep"),
+    ("duplicate_key", "duplicate"),
     ("list", "expected a JSON object"),
     ("escaping_file", "not a plain path"),
 ])
@@ -300,7 +302,9 @@ def test_corrupt_model_json_is_one_model_error(model_dir, tmp_path, damage, mess
     data = {
         "not_utf8": b"\xff\xfe" + f.read_bytes(),
         "string_layout": json.dumps({**info, "layout": "w2w"}).encode(),
-        "bad_json": b"{" * 100000,
+        "bad_json": b'{"layout": ',
+        "deep": b"[" * 100000,
+        "duplicate_key": b'{"embed_dim": 128, "embed_dim": 128}',
         "list": b"[1, 2]",
         "escaping_file": json.dumps({**info, "files": {"../../etc/passwd": "0" * 64}}).encode(),
     }[damage]
