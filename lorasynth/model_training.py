@@ -77,6 +77,11 @@ def train_latent(model: SynthesisModel, kind: str = "pca", latent_dim: int = 512
     return latent
 
 
+def decode_rows(latent, z: torch.Tensor) -> np.ndarray:
+    """Raw latents (N, K) -> flat LoRA vectors (N, D), float64 (the inverse of :func:`encode_rows`)."""
+    return latent.destandardize(latent.decode(z.float())).double().cpu().numpy()
+
+
 def delta_energy(latent, layout, max_rows: int = 200):
     """Energy scores in delta-W space for raw latents: ``f(samples (n, S, K), truth (n, K)) -> (n,)``.
 
@@ -90,9 +95,8 @@ def delta_energy(latent, layout, max_rows: int = 200):
     def energy(samples: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
         samples, truth = samples[:max_rows], truth[:max_rows]
         n, s, k = samples.shape
-        dec = lambda z: latent.destandardize(latent.decode(z.float())).double().cpu().numpy()  # noqa: E731
-        vs = dec(samples.reshape(n * s, k)).reshape(n, s, -1)
-        return torch.from_numpy(delta_energy_scores(layout, vs, dec(truth)))
+        vs = decode_rows(latent, samples.reshape(n * s, k)).reshape(n, s, -1)
+        return torch.from_numpy(delta_energy_scores(layout, vs, decode_rows(latent, truth)))
 
     return energy
 
@@ -111,7 +115,7 @@ def delta_cosines(latent, layout, max_rows: int = 400, chunk_bytes: int = 256 <<
         out = []
         for i in range(0, n, step):
             part = x[i : i + step]
-            v = latent.destandardize(latent.decode(part.reshape(-1, k).float())).double().cpu().numpy()
+            v = decode_rows(latent, part.reshape(-1, k))
             out.append(torch.from_numpy(delta_cosine_blocks(layout, v.reshape(len(part), s, -1))))
         return torch.cat(out) if out else torch.zeros(0, s, s, dtype=torch.float64)
 

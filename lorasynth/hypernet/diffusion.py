@@ -404,7 +404,6 @@ def calibrate_sampling(model: Hypernet, val_latents: Tensor, val_conds: Tensor, 
     steps, eta, g = min(grid, key=lambda s_: scores[(*s_, 1.0)])
     one = (steps, eta, g, 1.0)
     by_mean = min((k for k in scores if k[:3] == one[:3]), key=scores.get)
-    report: dict = {}
     if spread is not None and pairwise is not None and samples > 1:
         target, spread_report = spread
         res = resids[one[:3]]

@@ -98,8 +98,9 @@ class HypernetConfig:
         validation rows).
     local_covariance: fit the face-dependent residual covariance
         (:class:`~lorasynth.hypernet.regression.LocalCovariance`, chosen on validation people) that
-        gives the expected delta W in closed form (``synthesize --average``), and whiten the
-        residuals the diffusion models (default True; needs validation rows).
+        gives the expected delta W in closed form (``synthesize --average``), and scale the
+        residuals the diffusion models by one global factor in raw latent units (``resid_to_x0``)
+        instead of per dimension (default True; needs validation rows).
     """
 
     latent_dim: int = 512
@@ -333,7 +334,7 @@ class Hypernet(nn.Module):
 
     @property
     def local_covariance(self) -> bool:
-        """True when the model holds the face-dependent residual covariance (and whitened residuals)."""
+        """True when the model holds the face-dependent residual covariance (and ``resid_to_x0``)."""
         return len(self.cov_resid) > 0
 
     def residual_covariance(self, cond_n: Tensor | None, batch: int = 1) -> Tensor:
