@@ -36,8 +36,8 @@ def build_pipeline(tmp: Path):
     """SD1.5-shaped UNet (random weights) inside a pipeline with tiny VAE/text encoder."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from lorasynth.pipeline import load_pipeline
-    from lorasynth.tiny import build_sd_pipeline
+    from lorasynth.runtime.pipeline import load_pipeline
+    from lorasynth.worlds.tiny_sd import build_sd_pipeline
 
     tiny = load_pipeline(str(build_sd_pipeline(tmp / "tiny", "tiny")), channels_last=False)
     torch.manual_seed(0)
@@ -50,8 +50,8 @@ def build_pipeline(tmp: Path):
 
 def make_lora_file(tmp: Path, kind: str) -> Path:
     from lorasynth.formats import save_lora
-    from lorasynth.layout import Layout
-    from lorasynth.sd15 import sd15_module_shapes
+    from lorasynth.core.layout import Layout
+    from lorasynth.core.sd15 import sd15_module_shapes
 
     if kind == "w2w_rank1":
         layout = Layout.w2w()
@@ -76,7 +76,7 @@ def max_restore_error(pipe, before) -> float:
 
 
 def bench_kind(pipe, path: Path, repeats: int) -> dict:
-    from lorasynth.apply import fuse
+    from lorasynth.runtime.apply import fuse
     from lorasynth.formats import load_lora
 
     out: dict = {"file": path.name, "file_mb": round(path.stat().st_size / 2**20, 2)}
@@ -124,7 +124,7 @@ def bench_kind(pipe, path: Path, repeats: int) -> dict:
 
 
 def bench_blend(path: Path, repeats: int) -> dict:
-    from lorasynth.blending import blend
+    from lorasynth.core.blending import blend
     from lorasynth.formats import load_lora
 
     base = load_lora(path)

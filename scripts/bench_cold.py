@@ -43,7 +43,7 @@ HEAVY = ("lightning", "diffusers", "transformers", "peft")
 _COUNT = r"""
 import importlib.util, os, sys
 try:
-    from lorasynth.cli.main import main
+    from lorasynth.apps.cli.main import main
     main(sys.argv[1:])
 except SystemExit:
     pass
@@ -60,7 +60,7 @@ print("@@", total, missing, ",".join(heavy))
 
 def lorasynth_cmd() -> list[str]:
     script = Path(sys.executable).with_name("lorasynth")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "lorasynth.cli.main"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "lorasynth.apps.cli.main"]
 
 
 def run(cmd: list[str], env: dict) -> float:

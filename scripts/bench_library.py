@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lorasynth.layout import W2W_ALPHA, Layout  # noqa: E402
+from lorasynth.core.layout import W2W_ALPHA, Layout  # noqa: E402
 from lorasynth.library import Library, LibraryConfig, import_w2w  # noqa: E402
 from lorasynth.library.store import encode_blob  # noqa: E402
 

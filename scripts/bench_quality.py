@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Held-out quality on the grid of hard planted worlds; prints JSON (world x strategy).
 
-For every world of ``lorasynth.synthetic.QUALITY_GRID`` (or ``--worlds``): build it, pack it,
+For every world of ``lorasynth.worlds.planted.QUALITY_GRID`` (or ``--worlds``): build it, pack it,
 split it by person into train / validation / test, fit the latent model (PCA by default) and
-train the hypernetwork with the real training code, then ``lorasynth.evaluate.evaluate`` on the
+train the hypernetwork with the real training code, then ``lorasynth.synthesis.evaluation.evaluate`` on the
 test people with the world's oracle: held-out delta-W cosine of mean delta W, nearest, blend
 (default and tuned on validation), kernel ridge regression, one diffusion sample, the mean of N
 samples, the average (the model's expected delta W, ``synthesize --average``), the oracle's one
@@ -40,13 +40,13 @@ def _config_value(kv: str) -> tuple[str, object]:
 
 
 def run_world(name: str, args, root: Path) -> dict:
-    from lorasynth.evaluate import evaluate
-    from lorasynth.model_training import train_hypernet, train_latent
-    from lorasynth.pack import open_pack
-    from lorasynth.synthesis import Synthesizer
-    from lorasynth.synthesis_model import SynthesisModel
-    from lorasynth.synthetic import QUALITY_GRID, hard_world_config, make_world, write_world_pack
-    from lorasynth.training import TrainConfig
+    from lorasynth.synthesis.evaluation import evaluate
+    from lorasynth.training.model_parts import train_hypernet, train_latent
+    from lorasynth.library.pack import open_pack
+    from lorasynth.synthesis.synthesizer import Synthesizer
+    from lorasynth.models.model_folder import SynthesisModel
+    from lorasynth.worlds.planted import QUALITY_GRID, hard_world_config, make_world, write_world_pack
+    from lorasynth.training.lightning import TrainConfig
 
     timings = {}
     t0 = time.perf_counter()
@@ -105,7 +105,7 @@ def run_world(name: str, args, root: Path) -> dict:
 
 
 def main() -> None:
-    from lorasynth.synthetic import QUALITY_GRID
+    from lorasynth.worlds.planted import QUALITY_GRID
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worlds", default=",".join(k for k in QUALITY_GRID if k.startswith("tiny")),

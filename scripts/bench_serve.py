@@ -31,7 +31,7 @@ import numpy as np
 
 
 def demo_paths(quick: bool) -> dict[str, str]:
-    from lorasynth.demo import SMOKE, run_demo
+    from lorasynth.apps.demo import SMOKE, run_demo
 
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(sys.stderr):  # stdout: JSON only
         s = run_demo(out, SMOKE if quick else None)
@@ -131,7 +131,7 @@ def main() -> int:
 
     paths = {"model": args.model, "base": args.base, "library": args.library} if args.model else demo_paths(args.quick)
     port = free_port()
-    cmd = [sys.executable, "-m", "lorasynth.cli.main", "serve", "--port", str(port)]
+    cmd = [sys.executable, "-m", "lorasynth.apps.cli.main", "serve", "--port", str(port)]
     for k in ("model", "base", "library"):
         if paths.get(k):
             cmd += [f"--{k}", str(paths[k])]

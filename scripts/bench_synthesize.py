@@ -41,9 +41,9 @@ def peak_rss_mb() -> float:
 
 
 def write_pack(path: Path, n: int) -> float:
-    from lorasynth.layout import Layout
-    from lorasynth.pack import PackWriter
-    from lorasynth.synthetic import SyntheticWorldConfig, make_world
+    from lorasynth.core.layout import Layout
+    from lorasynth.library.pack import PackWriter
+    from lorasynth.worlds.planted import SyntheticWorldConfig, make_world
 
     t0 = time.perf_counter()
     world = make_world(SyntheticWorldConfig(n, Layout.w2w(), embed_dim=128, seed=0))
@@ -55,11 +55,11 @@ def write_pack(path: Path, n: int) -> float:
 
 def make_model(pack_dir: Path, model_dir: Path) -> None:
     """A model folder with default-config, untrained VAE (latent 512) and hypernetwork."""
-    from lorasynth.hypernet.diffusion import HypernetDiffusion
-    from lorasynth.hypernet.model import HypernetConfig
-    from lorasynth.latent.vae import LoRAVAE, VAEConfig
-    from lorasynth.pack import open_pack
-    from lorasynth.synthesis_model import SynthesisModel
+    from lorasynth.training.hypernet import HypernetDiffusion
+    from lorasynth.models.hypernet.model import HypernetConfig
+    from lorasynth.training.latent import LoRAVAE, VAEConfig
+    from lorasynth.library.pack import open_pack
+    from lorasynth.models.model_folder import SynthesisModel
 
     pack = open_pack(pack_dir)
     model = SynthesisModel.create(model_dir, pack, heldout_frac=0.0)
@@ -76,7 +76,7 @@ def bench_latency(model_dir: Path, repeats: int) -> dict:
     from PIL import Image
     from skimage import data
 
-    from lorasynth.synthesis import SynthesisSettings, Synthesizer, write_synthesized
+    from lorasynth.synthesis.synthesizer import SynthesisSettings, Synthesizer, write_synthesized
 
     tmp = Path(tempfile.mkdtemp())
     photo = tmp / "astronaut.jpg"
@@ -111,11 +111,11 @@ def child_train(part: str, pack_dir: str, steps: int) -> None:
     """Runs in a child process: train ``part`` for ``steps`` steps, print items/s and peak RSS."""
     import lightning
 
-    from lorasynth.hypernet.diffusion import HypernetDiffusion, latent_dataloader
-    from lorasynth.hypernet.model import HypernetConfig
-    from lorasynth.latent.vae import VAEConfig, train_vae
-    from lorasynth.pack import open_pack
-    from lorasynth.training import TrainConfig, fit
+    from lorasynth.training.hypernet import HypernetDiffusion, latent_dataloader
+    from lorasynth.models.hypernet.model import HypernetConfig
+    from lorasynth.training.latent import VAEConfig, train_vae
+    from lorasynth.library.pack import open_pack
+    from lorasynth.training.lightning import TrainConfig, fit
 
     pack = open_pack(pack_dir)
     out = Path(tempfile.mkdtemp())

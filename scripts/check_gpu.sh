@@ -5,7 +5,7 @@
 #
 # REPO defaults to this script's repository; the Python used is $PYTHON, else REPO/.venv/bin/python,
 # else `python` (a venv with lorasynth installed, or its requirements with REPO on PYTHONPATH).
-# Nothing is downloaded: a small planted pack is built here (lorasynth.synthetic), then
+# Nothing is downloaded: a small planted pack is built here (lorasynth.worlds.planted), then
 #   1. `train vae` and `train hypernet` with --accelerator gpu --devices auto --strategy ddp
 #      --precision bf16-mixed (one process per GPU; per-device batch B, global batch B x GPUs);
 #   2. the same on one GPU in fp32 with the same global batch, as the reference;
@@ -24,7 +24,7 @@ N_IDS="${N_IDS:-4000}"
 
 "$PY" - "$WORK" "$N_IDS" <<'EOF' > "$WORK/pack.log" 2>&1
 import sys
-from lorasynth.synthetic import SyntheticWorldConfig, make_world, tiny_layout, write_world_pack
+from lorasynth.worlds.planted import SyntheticWorldConfig, make_world, tiny_layout, write_world_pack
 world = make_world(SyntheticWorldConfig(n_identities=int(sys.argv[2]), layout=tiny_layout(), seed=0))
 print(write_world_pack(world, sys.argv[1] + "/pack"))
 EOF
@@ -40,7 +40,7 @@ GLOBAL=$((BATCH * (NDEV > 0 ? NDEV : 1)))
 run() {  # name, then the lorasynth arguments; exit status and seconds go to WORK/name.{rc,s}
   local name=$1; shift
   local t0; t0=$(date +%s)
-  "$PY" -m lorasynth.cli.main "$@" > "$WORK/$name.log" 2>&1
+  "$PY" -m lorasynth.apps.cli.main "$@" > "$WORK/$name.log" 2>&1
   echo $? > "$WORK/$name.rc"
   echo $(( $(date +%s) - t0 )) > "$WORK/$name.s"
 }
@@ -120,15 +120,15 @@ for name, model, part, summary in (("ddp_vae", "ddp", "vae", "trained vae"),
 if ndev:  # what --accelerator gpu --precision bf16-mixed gives Lightning: bf16 autocast, float32 weights
     import tempfile
 
-    from lorasynth.training import TrainConfig, make_trainer
+    from lorasynth.training.lightning import TrainConfig, make_trainer
 
     t = make_trainer(tempfile.mkdtemp(), TrainConfig(accelerator=accel, devices=1, precision="bf16-mixed", progress=False))
     plugin = t.precision_plugin
     checks["bf16_mixed_plugin"] = type(plugin).__name__ == "MixedPrecision" and plugin.precision == "bf16-mixed"
 
 if checks.get("ddp_hypernet_exit_0") and checks.get("one_hypernet_exit_0"):
-    from lorasynth.evaluate import evaluate
-    from lorasynth.synthesis import Synthesizer
+    from lorasynth.synthesis.evaluation import evaluate
+    from lorasynth.synthesis.synthesizer import Synthesizer
 
     for model in ("ddp", "one"):
         res = evaluate(Synthesizer(str(work / model)), strategies=("diffusion",), pca_baseline=False)

@@ -10,7 +10,7 @@ diffusers/transformers on the meta device; tests/test_sd15.py checks it stays in
 import json
 from pathlib import Path
 
-from lorasynth.sd15 import build_sd15_module_shapes
+from lorasynth.core.sd15 import build_sd15_module_shapes
 
 if __name__ == "__main__":
     out = Path(__file__).resolve().parents[1] / "lorasynth" / "data" / "sd15_modules.json"

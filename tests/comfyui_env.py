@@ -130,7 +130,7 @@ def build_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lorasynth.sd15 import SD15_TEXT_ENCODER_CONFIG
+    from lorasynth.core.sd15 import SD15_TEXT_ENCODER_CONFIG
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # defaults are SD1.5

@@ -1,6 +1,6 @@
 """Shared pytest fixtures.
 
-Base model: a random-weight miniature of SD1.5 (see ``lorasynth.tiny``), built once per test
+Base model: a random-weight miniature of SD1.5 (see ``lorasynth.worlds.tiny_sd``), built once per test
 session (under 5 s) and loaded fresh for each test that asks for ``tiny_pipeline`` (about
 0.2 s), so tests may change the pipeline (LoRAs, scheduler, dtype) without restoring it.
 """
@@ -28,7 +28,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """Path of a saved tiny SD1.5-architecture diffusers pipeline (random weights, seed 0)."""
-    from lorasynth.tiny import build_sd_pipeline
+    from lorasynth.worlds.tiny_sd import build_sd_pipeline
 
     return build_sd_pipeline(tmp_path_factory.mktemp("tiny_sd"), "tiny")
 
@@ -36,6 +36,6 @@ def tiny_pipeline_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_pipeline(tiny_pipeline_dir):
     """A fresh fp32 ``StableDiffusionPipeline`` loaded from ``tiny_pipeline_dir`` via ``load_pipeline``."""
-    from lorasynth.pipeline import load_pipeline
+    from lorasynth.runtime.pipeline import load_pipeline
 
     return load_pipeline(str(tiny_pipeline_dir))

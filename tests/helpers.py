@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lorasynth.lora import LoRA, LoRAModule
-from lorasynth.sd15 import sd15_module_shapes
+from lorasynth.core.lora import LoRA, LoRAModule
+from lorasynth.core.sd15 import sd15_module_shapes
 
 ATTN = "unet.down_blocks.0.attentions.0.transformer_blocks.0"
 TE = "text_encoder.text_model.encoder.layers.0"
@@ -42,11 +42,11 @@ def build_tiny_model(root, identities: int, seed: int = 0, latent_dim: int = 16,
     be synthesized from too. ``steps``: (VAE, hypernetwork) training steps."""
     from pathlib import Path
 
-    from lorasynth.model_training import train_hypernet, train_latent
-    from lorasynth.pack import PackWriter, open_pack
-    from lorasynth.synthesis_model import SynthesisModel
-    from lorasynth.synthetic import SyntheticWorldConfig, make_world, tiny_layout
-    from lorasynth.training import TrainConfig
+    from lorasynth.training.model_parts import train_hypernet, train_latent
+    from lorasynth.library.pack import PackWriter, open_pack
+    from lorasynth.models.model_folder import SynthesisModel
+    from lorasynth.worlds.planted import SyntheticWorldConfig, make_world, tiny_layout
+    from lorasynth.training.lightning import TrainConfig
 
     root = Path(root)
     world = make_world(SyntheticWorldConfig(identities, tiny_layout(), embed_dim=128, seed=seed))

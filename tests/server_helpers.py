@@ -2,7 +2,7 @@
 
 ``build_server_world(root)`` makes, in about ten seconds on one core:
 
-* ``base``: the tiny random-weight SD1.5-architecture pipeline (``lorasynth.tiny``);
+* ``base``: the tiny random-weight SD1.5-architecture pipeline (``lorasynth.worlds.tiny_sd``);
 * ``library``: planted identities on the tiny UNet's attention layout, each with a 128-d
   embedding standing in for dlib's (so photos can be synthesized from);
 * ``model``: the library packed, a LoRA-VAE and a hypernetwork trained for a few steps.
@@ -18,12 +18,12 @@ import torch
 
 def build_server_world(root: str | Path, identities: int = 200, seed: int = 0) -> dict[str, Path]:
     from lorasynth.library import Library, NewEntry, pack_library
-    from lorasynth.model_training import train_hypernet, train_latent
-    from lorasynth.pack import open_pack
-    from lorasynth.synthesis_model import SynthesisModel
-    from lorasynth.synthetic import SyntheticWorldConfig, make_world, tiny_layout
-    from lorasynth.tiny import build_sd_pipeline
-    from lorasynth.training import TrainConfig
+    from lorasynth.training.model_parts import train_hypernet, train_latent
+    from lorasynth.library.pack import open_pack
+    from lorasynth.models.model_folder import SynthesisModel
+    from lorasynth.worlds.planted import SyntheticWorldConfig, make_world, tiny_layout
+    from lorasynth.worlds.tiny_sd import build_sd_pipeline
+    from lorasynth.training.lightning import TrainConfig
 
     root = Path(root)
     base = build_sd_pipeline(root / "base", "tiny", seed=seed)
@@ -86,6 +86,6 @@ def load_tiny_lora(path):
     needs that layout's module tree)."""
     from lorasynth.formats import load_lora
     from lorasynth.formats.keys import ModuleTree
-    from lorasynth.synthetic import tiny_layout
+    from lorasynth.worlds.planted import tiny_layout
 
     return load_lora(path, tree=ModuleTree.from_specs(tiny_layout().modules))

@@ -16,7 +16,7 @@ Typical use::
 Backends are imported lazily, so importing this package is cheap.
 """
 
-from .base import (
+from lorasynth.faces.base import (
     EMBEDDER_NAMES,
     Face,
     FaceEmbedder,
@@ -26,7 +26,7 @@ from .base import (
     get_embedder,
     l2_normalize,
 )
-from .images import DEFAULT_MAX_PIXELS, as_rgb_array, load_image, read_rgb
+from lorasynth.faces.images import DEFAULT_MAX_PIXELS, as_rgb_array, load_image, read_rgb
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",

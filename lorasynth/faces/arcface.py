@@ -20,7 +20,7 @@ import numpy as np
 
 from lorasynth.errors import FaceError
 
-from .base import Face, FaceEmbedder
+from lorasynth.faces.base import Face, FaceEmbedder
 
 #: Environment variable naming the insightface model root (holds ``models/<pack>/``).
 ENV_MODEL_ROOT = "LORASYNTH_INSIGHTFACE_ROOT"

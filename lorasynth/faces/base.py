@@ -18,7 +18,7 @@ import numpy as np
 
 from lorasynth.errors import FaceError, LorasynthError
 
-from .images import DEFAULT_MAX_PIXELS, ImageInput, describe_source, load_image_scaled, read_rgb
+from lorasynth.faces.images import DEFAULT_MAX_PIXELS, ImageInput, describe_source, load_image_scaled, read_rgb
 
 
 @dataclass(eq=False)
@@ -146,13 +146,13 @@ class FaceEmbedder(ABC):
 # --------------------------------------------------------------------------- factory
 
 def _make_dlib(model_root: str | None, **options: Any) -> FaceEmbedder:
-    from .dlib_embedder import DlibEmbedder
+    from lorasynth.faces.dlib_embedder import DlibEmbedder
 
     return DlibEmbedder(model_root=model_root, **options)
 
 
 def _make_arcface(model_root: str | None, **options: Any) -> FaceEmbedder:
-    from .arcface import ArcFaceEmbedder, resolve_model_root
+    from lorasynth.faces.arcface import ArcFaceEmbedder, resolve_model_root
 
     return ArcFaceEmbedder(model_root=resolve_model_root(model_root), **options)
 
@@ -169,7 +169,7 @@ _cache_lock = threading.Lock()
 def _cache_root(name: str, model_root: str | None) -> str | None:
     """The model root that identifies a cached embedder (env var resolved for arcface)."""
     if name == "arcface":
-        from .arcface import resolve_model_root
+        from lorasynth.faces.arcface import resolve_model_root
 
         return resolve_model_root(model_root)
     return None if model_root is None else os.path.abspath(os.path.expanduser(str(model_root)))

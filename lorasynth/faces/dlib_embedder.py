@@ -21,7 +21,7 @@ import numpy as np
 
 from lorasynth.errors import FaceError
 
-from .base import Face, FaceEmbedder
+from lorasynth.faces.base import Face, FaceEmbedder
 
 SHAPE_PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"
 RECOGNITION_MODEL_FILE = "dlib_face_recognition_resnet_model_v1.dat"
@@ -60,7 +60,7 @@ def frontal_face_detector(dlib):
             pass
     detector = dlib.get_frontal_face_detector()
     try:
-        from lorasynth.formats.safe_io import atomic_path
+        from lorasynth.core.safe_io import atomic_path
 
         cached.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cached) as tmp:
@@ -136,7 +136,7 @@ class DlibEmbedder(FaceEmbedder):
         self._torch_net = None
         self._net = None
         if backend == "torch" and self.num_jitters <= 1:
-            from .dlib_resnet import load_dlib_resnet
+            from lorasynth.faces.dlib_resnet import load_dlib_resnet
 
             self._torch_net = load_dlib_resnet(folder / RECOGNITION_MODEL_FILE)
         else:
@@ -177,7 +177,7 @@ class DlibEmbedder(FaceEmbedder):
         """One 128-d descriptor per shape (dlib's raw ResNet output, not normalised)."""
         if self._torch_net is None:
             return self._net.compute_face_descriptor(img, shapes, self.num_jitters, self.padding)
-        from .dlib_resnet import CHIP_SIZE, compute_descriptors
+        from lorasynth.faces.dlib_resnet import CHIP_SIZE, compute_descriptors
 
         # The same chips compute_face_descriptor extracts (get_face_chip_details + extract_image_chips).
         chips = self._dlib.get_face_chips(img, shapes, size=CHIP_SIZE, padding=self.padding)

@@ -13,16 +13,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import FormatError
-from ..lora import LoRA
-from .common import FormatWarning
-from .detect import DIFFUSERS, FORMATS, KOHYA, PEFT, detect_format
-from .diffusers_format import read_diffusers, to_diffusers
-from .keys import ModuleTree, sd15_tree
-from .kohya import read_kohya, to_kohya
-from .metadata import INFERRED_KEYS, carried_metadata, merged_metadata, safetensors_hashes, synthesized_metadata
-from .peft_format import WEIGHTS_NAME, peft_paths, read_adapter_config, read_peft, to_peft
-from .safe_io import read_safetensors, write_safetensors, write_text
+from lorasynth.errors import FormatError
+from lorasynth.core.lora import LoRA
+from lorasynth.formats.common import FormatWarning
+from lorasynth.formats.detect import DIFFUSERS, FORMATS, KOHYA, PEFT, detect_format
+from lorasynth.formats.diffusers_format import read_diffusers, to_diffusers
+from lorasynth.formats.keys import ModuleTree, sd15_tree
+from lorasynth.formats.kohya import read_kohya, to_kohya
+from lorasynth.formats.metadata import INFERRED_KEYS, carried_metadata, merged_metadata, safetensors_hashes, synthesized_metadata
+from lorasynth.formats.peft_format import WEIGHTS_NAME, peft_paths, read_adapter_config, read_peft, to_peft
+from lorasynth.core.safe_io import read_safetensors, write_safetensors, write_text
 
 SAVE_FORMATS = (KOHYA, DIFFUSERS, PEFT)
 

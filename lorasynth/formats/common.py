@@ -10,9 +10,9 @@ from typing import Callable
 
 import torch
 
-from ..errors import FormatError
-from ..lora import LoRAModule
-from .keys import ModuleTree, some
+from lorasynth.errors import FormatError
+from lorasynth.core.lora import LoRAModule
+from lorasynth.formats.keys import ModuleTree, some
 
 
 class FormatWarning(UserWarning):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..errors import FormatError
-from .keys import some
+from lorasynth.errors import FormatError
+from lorasynth.formats.keys import some
 
 # Whole-model checkpoints (keys of the original SD layout or of a diffusers UNet): checked first,
 # so a checkpoint is never named after a fragment its keys happen to contain (".diff" in

@@ -18,12 +18,12 @@ import json
 
 import torch
 
-from ..errors import FormatError
-from ..lora import COMPONENTS, LoRA
-from ..sd15 import file_path
-from .common import ALPHA, DOWN, UP, check_lora_config, group_factors, make_module, most_common, parse_json, tensor_alpha
-from .keys import ModuleTree, sd15_tree
-from .metadata import carried_metadata
+from lorasynth.errors import FormatError
+from lorasynth.core.lora import COMPONENTS, LoRA
+from lorasynth.core.sd15 import file_path
+from lorasynth.formats.common import ALPHA, DOWN, UP, check_lora_config, group_factors, make_module, most_common, parse_json, tensor_alpha
+from lorasynth.formats.keys import ModuleTree, sd15_tree
+from lorasynth.formats.metadata import carried_metadata
 
 METADATA_KEY = "lora_adapter_metadata"
 _SUFFIXES = {

@@ -14,8 +14,8 @@ from functools import lru_cache
 
 import torch
 
-from ..errors import FormatError
-from ..sd15 import module_shapes_of, sd15_module_shapes
+from lorasynth.errors import FormatError
+from lorasynth.core.sd15 import module_shapes_of, sd15_module_shapes
 
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FormatError
-from ..lora import LoRA, LoRAModule
-from .common import ALPHA, DOWN, UP, group_factors, make_module, most_common, tensor_alpha, warn
-from .keys import ModuleTree, kohya_name, sd15_tree, some
-from .metadata import carried_metadata
+from lorasynth.errors import FormatError
+from lorasynth.core.lora import LoRA, LoRAModule
+from lorasynth.formats.common import ALPHA, DOWN, UP, group_factors, make_module, most_common, tensor_alpha, warn
+from lorasynth.formats.keys import ModuleTree, kohya_name, sd15_tree, some
+from lorasynth.formats.metadata import carried_metadata
 
 _SUFFIXES = {".lora_down.weight": DOWN, ".lora_up.weight": UP, ".alpha": ALPHA}
 #: metadata key listing the all-zero modules the writer added for diffusers' sake (see above)

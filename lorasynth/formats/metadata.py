@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .safe_io import safetensors_bytes
+from lorasynth.core.safe_io import safetensors_bytes
 
 #: Default trigger phrase of lorasynth's identity LoRAs (the w2w DreamBooth prompt is "a photo of sks person").
 DEFAULT_TRIGGER = "sks person"

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FormatError
-from ..lora import LoRA
-from ..sd15 import file_path
-from .common import DOWN, UP, check_lora_config, group_factors, make_module, most_common, parse_json, warn
-from .diffusers_format import config_alpha, target_name
-from .keys import ModuleTree, sd15_tree
-from .metadata import base_model_of, carried_metadata
+from lorasynth.errors import FormatError
+from lorasynth.core.lora import LoRA
+from lorasynth.core.sd15 import file_path
+from lorasynth.formats.common import DOWN, UP, check_lora_config, group_factors, make_module, most_common, parse_json, warn
+from lorasynth.formats.diffusers_format import config_alpha, target_name
+from lorasynth.formats.keys import ModuleTree, sd15_tree
+from lorasynth.formats.metadata import base_model_of, carried_metadata
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"

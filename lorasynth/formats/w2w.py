@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FormatError
-from ..layout import W2W_ALPHA, Layout
-from ..lora import LoRA, LoRAModule
+from lorasynth.errors import FormatError
+from lorasynth.core.layout import W2W_ALPHA, Layout
+from lorasynth.core.lora import LoRA, LoRAModule
 
 WEIGHTS_FILE = "all_weights.pt"
 DIMS_FILE = "weight_dimensions.pt"

@@ -26,13 +26,13 @@ from typing import Iterable
 
 import numpy as np
 
-from ..embeddings import read_embedding_npy
-from ..errors import LayoutError, LibraryError, LorasynthError
-from ..formats import load_lora
-from ..formats.safe_io import read_json
-from ..formats.w2w import W2WDataset
-from ..layout import Layout
-from .store import KNOWN_EMBEDDER_DIMS, AddResult, Library, NewEntry, clean_embedding
+from lorasynth.faces.embeddings import read_embedding_npy
+from lorasynth.errors import LayoutError, LibraryError, LorasynthError
+from lorasynth.formats import load_lora
+from lorasynth.core.safe_io import read_json
+from lorasynth.formats.w2w import W2WDataset
+from lorasynth.core.layout import Layout
+from lorasynth.library.store import KNOWN_EMBEDDER_DIMS, AddResult, Library, NewEntry, clean_embedding
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 LORA_SUFFIX = ".safetensors"
@@ -177,7 +177,7 @@ class _LazyEmbedder:
             if self._spec is None:
                 raise LibraryError("photos need a face embedder, but the library has none (pass one)")
             if isinstance(self._spec, str):
-                from ..faces import get_embedder
+                from lorasynth.faces import get_embedder
 
                 self._obj = get_embedder(self._spec, self._model_root)
             else:

@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Sequence
 
-from ..errors import LayoutError, LibraryError
-from .store import Library, NewEntry
+from lorasynth.errors import LayoutError, LibraryError
+from lorasynth.library.store import Library, NewEntry
 
 
 @dataclass

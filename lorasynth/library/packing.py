@@ -1,4 +1,4 @@
-"""Library -> packed training matrix (:mod:`lorasynth.pack`): canonical flattened LoRAs + embeddings.
+"""Library -> packed training matrix (:mod:`lorasynth.library.pack`): canonical flattened LoRAs + embeddings.
 
 Entries are streamed in small batches (load blobs, canonicalize, flatten, append), so
 memory stays about one batch of LoRAs plus the N x d embedding matrix, whatever the
@@ -9,7 +9,7 @@ A library with no embeddings at all (e.g. a w2w import) packs every entry withou
 The vectors are exactly ``layout.flatten(lora, canonical=True)`` (bit-identical, tested):
 :func:`canonical_vectors` computes them for a whole batch at once (batched QR/SVD per
 module instead of one small factorization per module per entry; 3-5x faster here) with
-the same float64 math and sign rule as :func:`lorasynth.lora.canonicalize_module`.
+the same float64 math and sign rule as :func:`lorasynth.core.lora.canonicalize_module`.
 ``batch_size=1`` calls ``layout.flatten`` itself.
 """
 
@@ -27,16 +27,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import LibraryError
-from ..formats.keys import kohya_name
-from ..layout import Layout
-from ..lora import LoRA, canonical_factors
-from .importers import _progress
-from .store import Library
+from lorasynth.errors import LibraryError
+from lorasynth.formats.keys import kohya_name
+from lorasynth.core.layout import Layout
+from lorasynth.core.lora import LoRA, canonical_factors
+from lorasynth.library.importers import _progress
+from lorasynth.library.store import Library
 
 
 def _canonical_module_batch(downs: torch.Tensor, ups: torch.Tensor, scales: torch.Tensor, rank: int):
-    """Canonical factors of B modules at once (float64): see :func:`lorasynth.lora.canonicalize_module`.
+    """Canonical factors of B modules at once (float64): see :func:`lorasynth.core.lora.canonicalize_module`.
 
     ``downs`` is (B, r, in...), ``ups`` (B, out, r...), ``scales`` (B,) = alpha / r.
     Returns (down, up) in float64 with the stacked input shapes and alpha = rank.
@@ -44,7 +44,7 @@ def _canonical_module_batch(downs: torch.Tensor, ups: torch.Tensor, scales: torc
     n, out, r = ups.shape[0], ups.shape[1], downs.shape[1]
     b = ups.reshape(n, out, r).to(torch.float64) * scales[:, None, None]
     a = downs.reshape(n, r, -1).to(torch.float64)
-    bb, aa = canonical_factors(b, a, rank)  # the one canonical form (lorasynth.lora)
+    bb, aa = canonical_factors(b, a, rank)  # the one canonical form (lorasynth.core.lora)
     return aa.reshape(downs.shape), bb.reshape(ups.shape)
 
 
@@ -177,7 +177,7 @@ def pack_library(
     overwrite: bool = False,
 ) -> PackResult:
     """Write every entry's canonical vector (``layout.flatten(lora, canonical=True)``) and its
-    face embedding to a pack (:class:`lorasynth.pack.PackWriter`) in ``out_dir``.
+    face embedding to a pack (:class:`lorasynth.library.pack.PackWriter`) in ``out_dir``.
 
     Which embeddings: ``embedder`` names them (default: the library's embedder). Entries
     without that embedding are skipped (and listed in the result). If no entry has one
@@ -188,7 +188,7 @@ def pack_library(
     (the pack would not match the library), an entry added meanwhile is simply not packed.
     Memory: one batch of LoRAs plus the N x d embedding matrix.
     """
-    from ..pack import PackWriter
+    from lorasynth.library.pack import PackWriter
 
     t0 = time.perf_counter()
     name = lib.embedder if embedder is None else embedder

@@ -48,14 +48,14 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..embeddings import check_embedding
-from ..errors import FormatError, LayoutError, LibraryError, LorasynthError
-from ..formats import save_lora
-from ..formats.common import most_common
-from ..formats.keys import kohya_name
-from ..formats.safe_io import SAFETENSORS_DTYPES, _fsync_dir, current_umask, parse_json
-from ..layout import Layout
-from ..lora import LoRA, LoRAModule
+from lorasynth.faces.embeddings import check_embedding
+from lorasynth.errors import FormatError, LayoutError, LibraryError, LorasynthError
+from lorasynth.formats import save_lora
+from lorasynth.formats.common import most_common
+from lorasynth.formats.keys import kohya_name
+from lorasynth.core.safe_io import SAFETENSORS_DTYPES, _fsync_dir, current_umask, parse_json
+from lorasynth.core.layout import Layout
+from lorasynth.core.lora import LoRA, LoRAModule
 
 DB_NAME = "library.sqlite"
 BLOB_DIR = "blobs"
@@ -321,7 +321,7 @@ def decode_blob(data: bytes, layout: Layout, source: str = "blob") -> LoRA:
 
 
 def clean_embedding(vec, what: str = "embedding") -> np.ndarray:
-    """A finite, non-zero 1-D vector as float32 with unit L2 norm (cosine = dot product); see :mod:`lorasynth.embeddings`."""
+    """A finite, non-zero 1-D vector as float32 with unit L2 norm (cosine = dot product); see :mod:`lorasynth.faces.embeddings`."""
     return check_embedding(vec, what, error=LibraryError)
 
 
@@ -483,7 +483,7 @@ class Library:
             raise LibraryError(f"{root} already holds a library; open it instead")
         if root.exists() and not root.is_dir():
             raise LibraryError(f"{root} exists and is not a directory")
-        from ..formats.safe_io import ensure_folder
+        from lorasynth.core.safe_io import ensure_folder
 
         ensure_folder(root / BLOB_DIR / TMP_DIR)
         conn = cls._connect(root, config)
@@ -517,7 +517,7 @@ class Library:
         root, config = Path(root), config or LibraryConfig()
         if not (root / DB_NAME).exists():
             raise LibraryError(f"{root} is not a lorasynth library (no {DB_NAME}); create one with `lorasynth library init`")
-        from ..formats.safe_io import check_input_file
+        from lorasynth.core.safe_io import check_input_file
 
         check_input_file(root / DB_NAME, "library manifest", LibraryError)
         conn = None

@@ -5,7 +5,7 @@ commands to run on it. Fixed cases reproduce every failure reported in issue 10;
 mutate valid files (header fields replaced by hostile values, offsets shifted, bytes flipped,
 truncations, length fields, metadata and configs of the three LoRA formats, .npy embeddings).
 
-:class:`Harness` runs each command through ``lorasynth.cli.main.main`` in this process and
+:class:`Harness` runs each command through ``lorasynth.apps.cli.main.main`` in this process and
 checks the promises: no exception but SystemExit escapes (the CLI turns the project's errors
 into exit 2 with one line), a failed command writes nothing (no output, no temp file), and no
 file outside the command's own folders is touched (a victim file must survive).
@@ -45,8 +45,8 @@ DTYPES = ["F32", "F16", "BF16", "F64", "I64", "I32", "I8", "U8", "BOOL", "U64", 
 
 
 def valid_lora(seed: int = 0, rank: int = 2):
-    from lorasynth.lora import LoRA, LoRAModule
-    from lorasynth.sd15 import sd15_module_shapes
+    from lorasynth.core.lora import LoRA, LoRAModule
+    from lorasynth.core.sd15 import sd15_module_shapes
 
     shapes = sd15_module_shapes()
     g = torch.Generator().manual_seed(seed)
@@ -60,7 +60,7 @@ def valid_lora(seed: int = 0, rank: int = 2):
 def lora_bytes(fmt: str = "kohya", seed: int = 0) -> bytes:
     from lorasynth.formats.diffusers_format import to_diffusers
     from lorasynth.formats.kohya import to_kohya
-    from lorasynth.formats.safe_io import safetensors_bytes
+    from lorasynth.core.safe_io import safetensors_bytes
 
     lora = valid_lora(seed)
     tensors, meta = to_kohya(lora, Path("x.safetensors")) if fmt == "kohya" else to_diffusers(lora)
@@ -68,7 +68,7 @@ def lora_bytes(fmt: str = "kohya", seed: int = 0) -> bytes:
 
 
 def peft_bytes(seed: int = 0) -> tuple[bytes, dict]:
-    from lorasynth.formats.safe_io import safetensors_bytes
+    from lorasynth.core.safe_io import safetensors_bytes
 
     lora = valid_lora(seed)
     tensors = {}
@@ -384,7 +384,7 @@ class Harness:
 
     # ---------------------------------------------------------------- one command
     def run(self, case: str, argv: list[str], expect=(0, 1, 2), outputs: tuple[Path, ...] = ()) -> int | None:
-        from lorasynth.cli.main import main
+        from lorasynth.apps.cli.main import main
 
         self.runs += 1
         before = {p: p.read_bytes() if p.is_file() else None for p in outputs}
@@ -485,7 +485,7 @@ class Harness:
     def _pack(self, case: Case, d: Path) -> None:
         """Packs are read by the Python API (training and synthesis open them): only project errors may escape."""
         from lorasynth.errors import LorasynthError
-        from lorasynth.pack import open_pack
+        from lorasynth.library.pack import open_pack
 
         good = self.root / "pack"
         if not good.exists():

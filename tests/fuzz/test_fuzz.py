@@ -46,7 +46,7 @@ def test_the_harness_catches_broken_promises(harness, monkeypatch):
     """A crash, a two-line error, and a failed command that changed its output are all reported."""
     import sys
 
-    import lorasynth.cli.main as cli
+    import lorasynth.apps.cli.main as cli
 
     out = harness.root / "selfcheck.safetensors"
     out.write_bytes(b"old")

@@ -1,0 +1,171 @@
+"""The web app in a real browser: Playwright driving Debian's headless Chromium.
+
+One uvicorn server (tiny base + library + model) and one browser per module. The browser is
+the system package (``apt-get install chromium``; ``.ci/run`` installs it when missing):
+Playwright's own browser download cannot work offline.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from helpers import max_delta_diff
+
+from lorasynth.apps.server import ServerConfig, create_app
+from server_helpers import astronaut_png_bytes, load_tiny_lora, shared_server_world
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import uvicorn
+
+    from lorasynth.apps.cli.serve import bind_socket
+
+    world = shared_server_world(tmp_path_factory)
+    app = create_app(ServerConfig(model=str(world["model"]), base=str(world["base"]), library=str(world["library"])))
+    sock = bind_socket("127.0.0.1", 0)
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 120
+    while not srv.started:
+        assert thread.is_alive() and time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    srv.should_exit = True
+    thread.join(30)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def page(server, tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    if not CHROMIUM:
+        # CI (.ci/run) installs chromium and sets LORASYNTH_REQUIRE_BROWSER=1, so there a missing browser fails
+        if os.environ.get("LORASYNTH_REQUIRE_BROWSER") == "1":
+            pytest.fail("Debian's chromium is not installed (apt-get install -y chromium)")
+        pytest.skip("browser test skipped: Debian's chromium is not installed (apt-get install -y chromium; .ci/run does)")
+    profile = tmp_path_factory.mktemp("chromium_profile")
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS, accept_downloads=True,
+            viewport={"width": 1280, "height": 860})
+        pg = context.new_page()
+        pg.set_default_timeout(60_000)
+        pg.goto(server + "/")
+        pg.wait_for_selector("body[data-ready='1']")
+        yield pg
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def astro_png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("photos") / "astronaut.png"
+    path.write_bytes(astronaut_png_bytes())
+    return path
+
+
+def test_photo_to_lora_download_blend_and_preview(page, server, astro_png, tmp_path):
+    # ---- photo in: one face found, boxed and preselected; clicking it keeps it chosen
+    page.set_input_files("#photo", str(astro_png))
+    page.wait_for_function("document.querySelector('#faces-status').textContent.includes('1 face(s) found')")
+    box = page.evaluate("state.faces[0].box")
+    scale = float(page.get_attribute("#photo-canvas", "data-scale"))
+    page.click("#photo-canvas", position={"x": (box[0] + box[2]) / 2 * scale, "y": (box[1] + box[3]) / 2 * scale})
+    assert page.get_attribute(".face-chip.selected", "data-index") == "0"
+
+    # ---- synthesize, download, compare with the API's result
+    page.select_option("#strategy", "diffusion")
+    page.fill("#seed", "3")
+    page.click("#synthesize")
+    card = page.wait_for_selector(".card.result")
+    lora_id = card.get_attribute("data-id")
+    assert "lorasynth.strategy" in page.inner_text(".card.result .provenance")
+    with page.expect_download() as dl:
+        page.click(".card.result a.download-link")
+    downloaded = tmp_path / "from_browser.safetensors"
+    dl.value.save_as(downloaded)
+    lora = load_tiny_lora(downloaded)
+    assert lora.metadata["lorasynth.strategy"] == "diffusion" and lora.metadata["lorasynth.seed"] == "3"
+    assert downloaded.read_bytes() == httpx.get(f"{server}/api/loras/{lora_id}?format=kohya").content
+    fresh = httpx.post(f"{server}/api/synthesize", files={"image": ("astronaut.png", astro_png.read_bytes())},
+                       data={"strategy": "diffusion", "seed": "3"}, timeout=60).json()["loras"][0]
+    api_file = tmp_path / "from_api.safetensors"
+    api_file.write_bytes(httpx.get(server + fresh["files"]["kohya"]).content)
+    assert max_delta_diff(lora, load_tiny_lora(api_file)) == 0
+
+    # ---- preview: the prompt starts as the trigger phrase; live step progress; cancel
+    preview = "#preview-panel "
+    assert page.input_value(preview + ".prompt") == "a photo of sks person"
+    page.fill(preview + ".steps", "100")
+    page.select_option(preview + ".size", "256")
+    page.click(preview + ".generate")
+    page.wait_for_function(f"/^step [1-9]\\d*\\/100$/.test(document.querySelector('{preview}.gen-status').textContent)")
+    assert int(page.get_attribute(preview + ".gen-progress", "max")) == 100
+    page.click(preview + ".cancel")
+    page.wait_for_function(f"document.querySelector('{preview}.gen-status').textContent === 'cancelled'")
+    page.fill(preview + ".steps", "3")
+    page.select_option(preview + ".size", "64")
+    page.click(preview + ".generate")
+    page.wait_for_selector(preview + ".preview-img:not([hidden])")
+    assert page.inner_text(preview + ".gen-status") == "done (3 steps)"
+    assert page.evaluate(f"document.querySelector('{preview}.gen-progress').value") == 3
+    src = page.get_attribute(preview + ".preview-img", "src")
+    png = tmp_path / "preview.png"
+    png.write_bytes(httpx.get(server + src).content)
+    with Image.open(png) as im:
+        assert "Steps: 3" in im.text["parameters"]
+
+    # ---- library: list, latent map with the synthesized face marked, nearest identities
+    page.click("#tab-library")
+    page.wait_for_selector("#lib-table tbody tr")
+    assert page.locator("#lib-table tbody tr").count() == 20
+    page.wait_for_function("document.querySelector('#map-status').textContent.includes('red:')")
+    page.set_input_files("#nearest-photo", str(astro_png))
+    page.wait_for_selector("#nearest-list li")
+    assert page.locator("#nearest-list li").count() == 5
+    page.click("#lib-table tbody tr:nth-child(2) .lib-add")
+
+    # ---- blend: the synthesized LoRA + a library entry; move a slider below zero
+    page.click("#tab-blend")
+    assert page.locator(".blend-item").count() == 2
+    slider = page.locator(".blend-item .weight").nth(1)
+    before = page.locator(".blend-item .weight-value").nth(1).inner_text()
+    slider.focus()
+    for _ in range(20):
+        page.keyboard.press("ArrowLeft")  # 0.5 - 20 * 0.05 = -0.5
+    after = page.locator(".blend-item .weight-value").nth(1).inner_text()
+    assert (before, after) == ("0.50", "-0.50")
+    page.click("#blend-run")
+    page.wait_for_function("document.querySelector('#blend-status').textContent.includes('exact')")
+    page.select_option("#blend-mode", "rank")
+    page.fill("#blend-rank", "1")
+    page.click("#blend-run")
+    page.wait_for_function("document.querySelector('#blend-status').textContent.includes('relative error')")
+    blended = page.evaluate("state.results[state.results.length - 1]")
+    assert blended["report"]["rank"] == 1
+    assert '"weights": [1.0, -0.5]' in blended["provenance"]["lorasynth.blend"]
+    page.fill("#blend-preview-panel .steps", "2")
+    page.select_option("#blend-preview-panel .size", "64")
+    page.click("#blend-preview-panel .generate")
+    page.wait_for_selector("#blend-preview-panel .preview-img:not([hidden])")
+
+    page.click("#tab-synth")
+    shot = tmp_path / "webapp.png"
+    page.screenshot(path=str(shot))
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("LORASYNTH_WEBAPP_SCREENSHOT"):  # how README's docs/webapp.png is made
+        Image.open(shot).convert("RGB").quantize(128).save(os.environ["LORASYNTH_WEBAPP_SCREENSHOT"], optimize=True)
+    assert not page.locator("#banner:not([hidden])").count(), page.inner_text("#banner")
