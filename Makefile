@@ -29,6 +29,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache   # the layer contracts in pyproject.toml (docs/ARCHITECTURE.md)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(STAMP)

@@ -6,7 +6,7 @@
 # REPO defaults to this script's repository; the Python used is $PYTHON, else REPO/.venv/bin/python,
 # else `python` (a venv with lorasynth installed, or its requirements with REPO on PYTHONPATH).
 # Nothing is downloaded: a small planted pack is built here (lorasynth.worlds.planted), then
-#   1. `train vae` and `train hypernet` with --accelerator gpu --devices auto --strategy ddp
+#   1. `train latent --kind vae` and `train hypernet` with --accelerator gpu --devices auto --strategy ddp
 #      --precision bf16-mixed (one process per GPU; per-device batch B, global batch B x GPUs);
 #   2. the same on one GPU in fp32 with the same global batch, as the reference;
 # and one JSON object with what was checked goes to stdout (logs go to WORK_DIR/*.log).
@@ -46,12 +46,12 @@ run() {  # name, then the lorasynth arguments; exit status and seconds go to WOR
 }
 if [ "$PACK_RC" = 0 ] && [ "$NDEV" -gt 0 ]; then
   DDP=(--accelerator "$ACCEL" --devices "$DEVICES" --strategy ddp --precision bf16-mixed --no-progress)
-  run ddp_vae train vae --pack "$WORK/pack" --out "$WORK/ddp" --latent-dim 64 --holdout 0.1 --steps "$STEPS" \
+  run ddp_vae train latent --kind vae --pack "$WORK/pack" --out "$WORK/ddp" --latent-dim 64 --holdout 0.1 --steps "$STEPS" \
       --batch-size "$BATCH" --lr 3e-3 "${DDP[@]}"
   run ddp_hypernet train hypernet --model "$WORK/ddp" --width 256 --depth 2 --steps "$STEPS" --batch-size "$BATCH" \
       --lr 2e-3 "${DDP[@]}"
   ONE=(--accelerator "$ACCEL" --devices 1 --precision 32-true --no-progress)
-  run one_vae train vae --pack "$WORK/pack" --out "$WORK/one" --latent-dim 64 --holdout 0.1 --steps "$STEPS" \
+  run one_vae train latent --kind vae --pack "$WORK/pack" --out "$WORK/one" --latent-dim 64 --holdout 0.1 --steps "$STEPS" \
       --batch-size "$GLOBAL" --lr 3e-3 "${ONE[@]}"
   run one_hypernet train hypernet --model "$WORK/one" --width 256 --depth 2 --steps "$STEPS" --batch-size "$GLOBAL" \
       --lr 2e-3 "${ONE[@]}"

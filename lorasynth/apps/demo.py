@@ -186,22 +186,17 @@ def train_models(work: Path, lib, cfg: DemoConfig, clock: _Clock):
 
 
 def latent_map(syn, synthesized: np.ndarray, path: Path, real_ids: set[str]) -> Path:
-    """2-D PCA of the library latents with the synthesized LoRA marked."""
+    """2-D PCA of the library latents with the synthesized LoRA marked (:mod:`lorasynth.synthesis.latent_map`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lorasynth.training.model_parts import encode_rows
+    from lorasynth.synthesis.latent_map import library_map, project_vectors
 
-    rows = syn.train_rows
-    z = encode_rows(syn.latent, syn.pack, rows).numpy()
-    with torch.no_grad():
-        zs = syn.latent.encode(syn.latent.standardize(synthesized[None])).numpy()
-    mu = z.mean(axis=0)
-    _, _, vt = np.linalg.svd(z - mu, full_matrices=False)
-    p, ps = (z - mu) @ vt[:2].T, (zs - mu) @ vt[:2].T
-    real = np.array([syn.pack.ids[r] in real_ids for r in rows])
+    m = library_map(syn)
+    p, ps = m.points, project_vectors(syn, m, synthesized[None])
+    real = np.array([i in real_ids for i in m.ids])
     fig, ax = plt.subplots(figsize=(5, 4.5), dpi=110)
     ax.scatter(p[:, 0], p[:, 1], s=4, alpha=0.35, c="#7a8fa6", label="library identities")
     if real.any():
@@ -228,12 +223,7 @@ def preview_grid(images: list[tuple[str, "Image.Image"]], path: Path) -> Path:
 
 
 def run_demo(out: str | Path = "demo_out", cfg: DemoConfig | None = None, cache: str | Path | None = None) -> dict:
-    from lorasynth.runtime.apply import fused
-    from lorasynth.core.blending import blend
-    from lorasynth.synthesis.evaluation import evaluate, save_report
-    from lorasynth.formats import save_lora
-    from lorasynth.runtime.pipeline import GenerationSettings, generate
-    from lorasynth.synthesis.synthesizer import SynthesisSettings, Synthesizer
+    from lorasynth.synthesis.synthesizer import Synthesizer
     from lorasynth.worlds.tiny_sd import build_sd_pipeline
 
     cfg = cfg or DemoConfig()
@@ -252,6 +242,38 @@ def run_demo(out: str | Path = "demo_out", cfg: DemoConfig | None = None, cache:
     model = train_models(work, lib, cfg, clock)
 
     syn = Synthesizer(model.path)
+    synth = synthesize_astronaut(syn, lib, work, out, cfg)
+    clock.lap("synthesize (diffusion, average, blend, nearest, sample) + blend")
+    diffs, grid = render_previews(pipe, [("synthesized", synth["loras"]["diffusion"]), ("blended", synth["blended"])],
+                                  out, cfg)
+    clock.lap("apply + generate previews")
+    results, eval_png, map_png = evaluate_and_map(syn, lib, synth["loras"]["diffusion"], out, cfg)
+    clock.lap("evaluate + latent map")
+
+    files = synth["files"]
+    summary = {
+        "config": asdict(cfg), "cache": str(work), "base_model": str(base_dir), "library": str(lib.root),
+        "library_entries": len(lib.ids()), "model": str(model.path), "face": synth["selection"].describe(),
+        "embedding_s": synth["embedding_s"],
+        "synthesis_s": {k: files[k + "_s"] for k in ("diffusion", "average", "blend", "nearest")},
+        "preview_mean_abs_pixel_change": diffs, "eval": results, "timings_s": clock.steps,
+        "total_s": round(time.perf_counter() - clock.t0, 1),
+        "files": {k: str(v) for k, v in files.items() if not k.endswith("_s")},
+    }
+    write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    write_text(out / "report.md", render_report(summary, out, grid, eval_png, map_png))
+    print(f"\nwrote {out / 'report.md'} (total {summary['total_s']}s)")
+    print(f"web app: lorasynth serve --model {model.path} --base {base_dir} --library {lib.root}")
+    return summary
+
+
+def synthesize_astronaut(syn, lib, work: Path, out: Path, cfg: DemoConfig) -> dict:
+    """Embed the astronaut photo, synthesize with every strategy (plus the average and an unconditional
+    sample), blend with a library LoRA; save each LoRA to ``out``. Returns the LoRAs, files and timings."""
+    from lorasynth.core.blending import blend
+    from lorasynth.formats import save_lora
+    from lorasynth.synthesis.synthesizer import SynthesisSettings
+
     astro = work / "identities" / "astronaut" / "0.jpg"
     if not astro.exists():
         demo_photos(work / "identities", 1)
@@ -276,38 +298,36 @@ def run_demo(out: str | Path = "demo_out", cfg: DemoConfig | None = None, cache:
     _, other = lib.get(other_entry.id)
     blended, _ = blend([loras["diffusion"], other], [0.7, 0.3])
     files["blended"] = save_lora(blended, out / "astronaut_blended_with_library.safetensors")
-    clock.lap("synthesize (diffusion, average, blend, nearest, sample) + blend")
+    return {"selection": selection, "embedding_s": embed_s, "files": files, "loras": loras, "blended": blended}
+
+
+def render_previews(pipe, loras: list[tuple[str, object]], out: Path, cfg: DemoConfig) -> tuple[dict[str, float], Path]:
+    """The base image and one per ``(label, LoRA)`` fused at scale 1: the mean absolute pixel change
+    of each from the base image, and the grid ``previews.png``."""
+    from lorasynth.runtime.apply import fused
+    from lorasynth.runtime.pipeline import GenerationSettings, generate
 
     settings = GenerationSettings(prompt="a photo of sks person", steps=cfg.preview_steps, width=cfg.preview_size,
                                   height=cfg.preview_size, seed=cfg.seed)
     previews = [("base", generate(pipe, settings, progress=False))]
-    for label, lora in (("synthesized", loras["diffusion"]), ("blended", blended)):
+    for label, lora in loras:
         with fused(pipe, [(lora, 1.0)]):
             previews.append((label, generate(pipe, settings, progress=False)))
     diffs = {label: float(np.abs(np.asarray(im, dtype=float) - np.asarray(previews[0][1], dtype=float)).mean())
              for label, im in previews[1:]}
-    grid = preview_grid(previews, out / "previews.png")
-    clock.lap("apply + generate previews")
+    return diffs, preview_grid(previews, out / "previews.png")
+
+
+def evaluate_and_map(syn, lib, synthesized, out: Path, cfg: DemoConfig) -> tuple[dict, Path, Path]:
+    """Held-out evaluation (``eval.json``/``eval.png``) and ``latent_map.png`` with ``synthesized`` marked."""
+    from lorasynth.synthesis.evaluation import evaluate, save_report
+    from lorasynth.synthesis.synthesizer import SynthesisSettings
 
     results = evaluate(syn, settings=SynthesisSettings(seed=cfg.seed))
-    eval_json, eval_png = save_report(results, out)
+    _, eval_png = save_report(results, out)
     real_ids = {str(e.id) for e in lib.list() if e.source.startswith("train:")}
-    map_png = latent_map(syn, loras_vector(syn, loras["diffusion"]), out / "latent_map.png", real_ids)
-    clock.lap("evaluate + latent map")
-
-    summary = {
-        "config": asdict(cfg), "cache": str(work), "base_model": str(base_dir), "library": str(lib.root),
-        "library_entries": len(lib.ids()), "model": str(model.path), "face": selection.describe(),
-        "embedding_s": embed_s, "synthesis_s": {k: files[k + "_s"] for k in ("diffusion", "average", "blend", "nearest")},
-        "preview_mean_abs_pixel_change": diffs, "eval": results, "timings_s": clock.steps,
-        "total_s": round(time.perf_counter() - clock.t0, 1),
-        "files": {k: str(v) for k, v in files.items() if not k.endswith("_s")},
-    }
-    write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
-    write_text(out / "report.md", render_report(summary, out, grid, eval_png, map_png))
-    print(f"\nwrote {out / 'report.md'} (total {summary['total_s']}s)")
-    print(f"web app: lorasynth serve --model {model.path} --base {base_dir} --library {lib.root}")
-    return summary
+    map_png = latent_map(syn, loras_vector(syn, synthesized), out / "latent_map.png", real_ids)
+    return results, eval_png, map_png
 
 
 def loras_vector(syn, lora) -> np.ndarray:

@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
-import numpy as np
 import torch
 
 from lorasynth.errors import LayoutError
@@ -206,95 +205,3 @@ class Layout:
             modules[spec.name] = LoRAModule(down, up, spec.rank if alpha is None else alpha)
             pos += nd + nu
         return LoRA(modules)
-
-
-def _module_factor_views(layout: Layout, v: torch.Tensor):
-    """Per module of ``layout``: ``(B (n, out, r), A (n, r, in))`` views into rows ``v`` (n, D)."""
-    pos = 0
-    for spec in layout.modules:
-        r, n_in, n_out = spec.rank, math.prod(spec.down_shape[1:]), spec.up_shape[0]
-        nd, nu = r * n_in, n_out * r
-        a = v[:, pos : pos + nd].reshape(-1, r, n_in)
-        b = v[:, pos + nd : pos + nd + nu].reshape(-1, n_out, r)
-        yield b, a
-        pos += nd + nu
-
-
-def delta_inner(layout: Layout, x, y) -> torch.Tensor:
-    """Frobenius inner products ``<dW(x), dW(y)>`` summed over all modules, row by row.
-
-    ``x``/``y`` are flat vectors (rows broadcast) whose factors have scale 1 (canonical
-    vectors, or raw ones with alpha = rank). Uses ``<B1 A1, B2 A2> = sum((B1^T B2) * (A1 A2^T))``:
-    never forms ``dW``. Returns float64 ``(n,)``.
-    """
-    x = torch.atleast_2d(torch.as_tensor(x, dtype=torch.float64))
-    y = torch.atleast_2d(torch.as_tensor(y, dtype=torch.float64))
-    x, y = torch.broadcast_tensors(x, y)
-    total = torch.zeros(x.shape[0], dtype=torch.float64)
-    for (bx, ax), (by, ay) in zip(_module_factor_views(layout, x), _module_factor_views(layout, y)):
-        total += ((bx.transpose(1, 2) @ by) * (ax @ ay.transpose(1, 2))).sum(dim=(1, 2))
-    return total
-
-
-def delta_gram(layout, x, y) -> np.ndarray:
-    """All ``<dW(x_i), dW(y_j)>`` (float64 ``(len x, len y)``), from factors (never forms dW)."""
-    x = torch.atleast_2d(torch.as_tensor(np.asarray(x), dtype=torch.float64))
-    y = torch.atleast_2d(torch.as_tensor(np.asarray(y), dtype=torch.float64))
-    out = torch.zeros(len(x), len(y), dtype=torch.float64)
-    for (bx, ax), (by, ay) in zip(_module_factor_views(layout, x), _module_factor_views(layout, y)):
-        r = bx.shape[2]
-        for i in range(r):
-            for j in range(r):
-                out += (bx[:, :, i] @ by[:, :, j].T) * (ax[:, i, :] @ ay[:, j, :].T)
-    return out.numpy()
-
-
-def _face_delta_gram(layout: Layout, x: torch.Tensor) -> torch.Tensor:
-    """``<dW(x[n, s]), dW(x[n, t])>`` for every face ``n``: ``x`` (n, S, D) -> (n, S, S) float64."""
-    n, s, d = x.shape
-    g = torch.zeros(n, s, s, dtype=torch.float64)
-    for b, a in _module_factor_views(layout, x.reshape(n * s, d)):  # one module at a time
-        b = b.reshape(n, s, *b.shape[1:])
-        a = a.reshape(n, s, *a.shape[1:])
-        # <B_s A_s, B_t A_t> = sum_ij (B_s^T B_t)_ij (A_s A_t^T)_ij: two small Grams (one 4-operand
-        # einsum was 40x slower on the w2w layout)
-        g += (torch.einsum("nsoi,ntoj->nstij", b, b) * torch.einsum("nsip,ntjp->nstij", a, a)).sum((-1, -2))
-    return g
-
-
-def delta_energy_scores(layout: Layout, samples, truth) -> np.ndarray:
-    """Energy score of each row in delta-W space (Frobenius distances): ``samples`` (n, S, D) flat
-    vectors for ``truth`` (n, D) -> (n,); lower is better.
-
-    ``E||dW(X) - dW(y)|| - 0.5 E||dW(X) - dW(X')||``: strictly proper for the distribution of the
-    update a LoRA makes, which is what a LoRA's user sees (distances in a latent space weigh
-    directions by how they vary, not by what they do to the weights).
-    """
-    samples = torch.as_tensor(np.asarray(samples), dtype=torch.float64)
-    truth = torch.as_tensor(np.asarray(truth), dtype=torch.float64)
-    s = samples.shape[1]
-    g = _face_delta_gram(layout, torch.cat([samples, truth[:, None]], dim=1))  # the truth is the last row
-    diag = torch.diagonal(g, dim1=1, dim2=2)
-    dist = (diag[:, :, None] + diag[:, None, :] - 2 * g).clamp_min(0).sqrt()
-    fit = dist[:, :s, s].mean(dim=1)
-    pair = dist[:, :s, :s].sum(dim=(1, 2)) / max(s * (s - 1), 1)
-    return (fit - 0.5 * pair).numpy()
-
-
-def delta_cosine_blocks(layout: Layout, x) -> np.ndarray:
-    """Delta-W cosines among each face's rows: ``x`` (n, S, D) flat vectors -> (n, S, S)."""
-    g = _face_delta_gram(layout, torch.as_tensor(np.asarray(x), dtype=torch.float64))
-    norm = torch.diagonal(g, dim1=1, dim2=2).clamp_min(1e-300).sqrt()
-    return (g / (norm[:, :, None] * norm[:, None, :])).numpy()
-
-
-def delta_cosine(layout: Layout, x, y) -> torch.Tensor:
-    """Cosine between the concatenated ``delta W`` of all modules of flat vectors ``x`` and ``y``.
-
-    Rows broadcast (e.g. many rows against one mean vector); factors have scale 1 as in
-    :func:`delta_inner`. Returns float64 ``(n,)``.
-    """
-    x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x, dtype=torch.float64)
-    y = torch.as_tensor(np.asarray(y) if not torch.is_tensor(y) else y, dtype=torch.float64)
-    xy, xx, yy = delta_inner(layout, x, y), delta_inner(layout, x, x), delta_inner(layout, y, y)
-    return xy / (torch.sqrt(xx.clamp_min(0) * yy.clamp_min(0)) + 1e-30)

@@ -207,7 +207,7 @@ def stacked_factors(parts, dtype: torch.dtype = torch.float32) -> tuple[torch.Te
     return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
 
 
-def _fix_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fix_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sign rule: the largest-magnitude entry of every column of U is positive.
 
     Batched over leading dimensions (``u (..., out, k)``, ``vh (..., k, in)``): the one sign rule
@@ -228,7 +228,7 @@ def factors_from_svd(
 
     Batched over leading dimensions like :func:`factored_svd`.
     """
-    u, vh = _fix_signs(u, vh)
+    u, vh = fix_signs(u, vh)
     k = min(rank, s.shape[-1])
     root = s[..., :k].clamp_min(0).sqrt()
     b = u[..., :k] * root[..., None, :]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import stat
 import struct
 import tempfile
@@ -519,13 +518,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, path)
         except OSError as e:
             raise _output_error(path, e) from None
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make a rename durable (best effort: some file systems cannot fsync a directory)."""
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -16,16 +16,8 @@ Typical use::
 Backends are imported lazily, so importing this package is cheap.
 """
 
-from lorasynth.faces.base import (
-    EMBEDDER_NAMES,
-    Face,
-    FaceEmbedder,
-    FaceSelection,
-    clear_embedder_cache,
-    cosine_similarity,
-    get_embedder,
-    l2_normalize,
-)
+from lorasynth.faces.base import Face, FaceEmbedder, FaceSelection, cosine_similarity, l2_normalize
+from lorasynth.faces.registry import EMBEDDER_NAMES, clear_embedder_cache, get_embedder
 from lorasynth.faces.images import DEFAULT_MAX_PIXELS, as_rgb_array, load_image, read_rgb
 
 __all__ = [

@@ -66,7 +66,7 @@ def load_image_scaled(
             # We enforce our own pixel limit below; Pillow's warning would only add noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(p) as im:
-                _check_size(p, im.size, max_pixels)
+                check_size(p, im.size, max_pixels)
                 im.seek(0)
                 full = im.size
                 orientation = _orientation(im)  # read before any reduce: a reduced copy has no EXIF
@@ -109,7 +109,7 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
-def _check_size(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
+def check_size(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
     """Refuse images whose *declared* size exceeds ``max_pixels`` (decompression bombs)."""
     w, h = size
     if w <= 0 or h <= 0:

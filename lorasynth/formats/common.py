@@ -112,20 +112,6 @@ def check_lora_config(cfg, where: str) -> dict:
     return cfg
 
 
-def parse_json(raw: str | bytes, where: str):
-    """``json.loads`` with every failure (bad UTF-8, bad JSON, absurd nesting) as one FormatError line."""
-    try:
-        if isinstance(raw, bytes):
-            raw = raw.decode("utf-8")
-        return json.loads(raw)
-    except UnicodeDecodeError:
-        raise FormatError(f"{where}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    except RecursionError:
-        raise FormatError(f"{where}: JSON nested too deeply") from None
-
-
 def tensor_alpha(t: torch.Tensor, name: str, source: str) -> float:
     if t.numel() != 1:
         raise FormatError(f"{source}: alpha of {name} must be a scalar, got shape {tuple(t.shape)}")

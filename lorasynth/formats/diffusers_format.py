@@ -21,7 +21,8 @@ import torch
 from lorasynth.errors import FormatError
 from lorasynth.core.lora import COMPONENTS, LoRA
 from lorasynth.core.sd15 import file_path
-from lorasynth.formats.common import ALPHA, DOWN, UP, check_lora_config, group_factors, make_module, most_common, parse_json, tensor_alpha
+from lorasynth.formats.common import ALPHA, DOWN, UP, check_lora_config, group_factors, make_module, most_common, tensor_alpha
+from lorasynth.core.safe_io import parse_json
 from lorasynth.formats.keys import ModuleTree, sd15_tree
 from lorasynth.formats.metadata import carried_metadata
 

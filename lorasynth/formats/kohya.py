@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from lorasynth.errors import FormatError
+from lorasynth.core.safe_io import parse_json
 from lorasynth.core.lora import LoRA, LoRAModule
 from lorasynth.formats.common import ALPHA, DOWN, UP, group_factors, make_module, most_common, tensor_alpha, warn
 from lorasynth.formats.keys import ModuleTree, kohya_name, sd15_tree, some
@@ -82,8 +83,8 @@ def read_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str], sourc
 
 def _placeholders(raw: str | None) -> list[str]:
     try:
-        names = json.loads(raw) if raw else []
-    except (json.JSONDecodeError, RecursionError):
+        names = parse_json(raw, PLACEHOLDER_KEY, list) if raw else []
+    except FormatError:
         return []
     return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 

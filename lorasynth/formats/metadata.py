@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from lorasynth.core.safe_io import safetensors_bytes
+from lorasynth.core.safe_io import parse_json, safetensors_bytes
+from lorasynth.errors import FormatError
 
 #: Default trigger phrase of lorasynth's identity LoRAs (the w2w DreamBooth prompt is "a photo of sks person").
 DEFAULT_TRIGGER = "sks person"
@@ -64,8 +65,8 @@ def synthesized_metadata(trigger_phrase: str = DEFAULT_TRIGGER, base_model: str 
 
 def _tag_frequency(raw: str | None) -> dict[str, dict[str, int]]:
     try:
-        value = json.loads(raw) if raw else {}
-    except (json.JSONDecodeError, RecursionError):
+        value = parse_json(raw, "ss_tag_frequency") if raw else {}
+    except FormatError:
         return {}
     if not isinstance(value, dict):
         return {}

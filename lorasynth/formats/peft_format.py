@@ -27,7 +27,8 @@ import torch
 from lorasynth.errors import FormatError
 from lorasynth.core.lora import LoRA
 from lorasynth.core.sd15 import file_path
-from lorasynth.formats.common import DOWN, UP, check_lora_config, group_factors, make_module, most_common, parse_json, warn
+from lorasynth.formats.common import DOWN, UP, check_lora_config, group_factors, make_module, most_common, warn
+from lorasynth.core.safe_io import parse_json
 from lorasynth.formats.diffusers_format import config_alpha, target_name
 from lorasynth.formats.keys import ModuleTree, sd15_tree
 from lorasynth.formats.metadata import base_model_of, carried_metadata

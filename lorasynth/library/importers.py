@@ -90,7 +90,7 @@ class FolderItem:
     attributes_path: Path | None = None
 
 
-def _progress(iterable: Iterable, enabled: bool, total: int | None = None, desc: str = "", unit: str = "lora"):
+def progress_bar(iterable: Iterable, enabled: bool, total: int | None = None, desc: str = "", unit: str = "lora"):
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
@@ -202,7 +202,7 @@ def import_folder(
     report = ImportReport()
     if not items:
         report.notes.append(f"no *{LORA_SUFFIX} files in {folder}")
-    for item in _progress(items, progress, len(items), "import"):
+    for item in progress_bar(items, progress, len(items), "import"):
         source = str(item.lora_path)
         try:
             lora = load_lora(item.lora_path)
@@ -288,7 +288,7 @@ def import_w2w(
             (report.duplicates.append((f"row {i}", r)) if r.duplicate else report.added.append(r))
 
     batch: list[tuple[int, NewEntry]] = []
-    for i in _progress(rows, progress, len(rows), "import w2w", "row"):
+    for i in progress_bar(rows, progress, len(rows), "import w2w", "row"):
         try:
             batch.append((i, entry(i)))
         except LorasynthError as err:

@@ -31,7 +31,7 @@ from lorasynth.errors import LibraryError
 from lorasynth.formats.keys import kohya_name
 from lorasynth.core.layout import Layout
 from lorasynth.core.lora import LoRA, canonical_factors
-from lorasynth.library.importers import _progress
+from lorasynth.library.importers import progress_bar
 from lorasynth.library.store import Library
 
 
@@ -209,7 +209,7 @@ def pack_library(
         raise LibraryError(f"{lib.root}: the library is empty; nothing to pack")
     layout = lib.layout
     step = max(1, int(batch_size))
-    bar = _progress(None, progress, len(ids), "pack", "lora") if progress else None
+    bar = progress_bar(None, progress, len(ids), "pack", "lora") if progress else None
     meta = {"library": str(lib.root), "base_model": lib.base_model}
     with _torch_threads(1), PackWriter(out_dir, layout, len(ids), embed_dim, name, overwrite=overwrite, meta=meta) as writer:
         for start in range(0, len(ids), step):

@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from lorasynth.errors import LorasynthError, ModelError
-from lorasynth.core.safe_io import parse_json, write_text
+from lorasynth.core.safe_io import parse_json, read_json, write_text
 from lorasynth.core.layout import Layout
 
 MODEL_FILE = "lorasynth_model.json"
@@ -193,7 +193,7 @@ class SynthesisModel:
         path = Path(path)
         f = path / MODEL_FILE
         if not f.is_file():
-            raise ModelError(f"{path} is not a lorasynth model folder (no {MODEL_FILE}); train one with `lorasynth train vae`")
+            raise ModelError(f"{path} is not a lorasynth model folder (no {MODEL_FILE}); train one with `lorasynth train latent`")
         try:
             if f.stat().st_size > _MAX_MODEL_JSON:
                 raise ModelError(f"{f} is corrupt: larger than {_MAX_MODEL_JSON >> 20} MB")
@@ -306,7 +306,7 @@ class SynthesisModel:
         from lorasynth.models.latent import load_latent
 
         if not self.info.latent_kind:
-            raise ModelError(f"model {self.path} has no latent model yet; run `lorasynth train vae`")
+            raise ModelError(f"model {self.path} has no latent model yet; run `lorasynth train latent`")
         model = load_latent(self.latent_dir)
         if model.layout_signature and model.layout_signature != self.info.layout_signature:
             raise ModelError("latent model was trained on another layout than this model folder")
@@ -376,8 +376,8 @@ class SynthesisModel:
         shared.save()
         if eval_results is None and (self.path / "eval" / "eval.json").is_file():
             try:
-                eval_results = json.loads((self.path / "eval" / "eval.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+                eval_results = read_json(self.path / "eval" / "eval.json", error=ModelError)
+            except ModelError:
                 eval_results = None
         write_text(out / "README.md", render_model_card(shared, base_model=base_model, license=license,
                                                          eval_results=eval_results))

@@ -32,6 +32,7 @@ from diffusers import (
 
 from lorasynth import __version__
 from lorasynth.errors import LorasynthError, ModelError
+from lorasynth.core.safe_io import parse_json
 from lorasynth.runtime.tokenizer import check_tokenizer
 
 #: Scheduler names accepted by :func:`set_scheduler` and :class:`GenerationSettings`.
@@ -315,7 +316,7 @@ def read_png_metadata(path: str | Path) -> tuple[GenerationSettings, dict[str, s
     if raw is None:
         raise LorasynthError(f"{path} has no lorasynth metadata")
     try:
-        payload = json.loads(raw)
+        payload = parse_json(raw, f"{path}: lorasynth metadata", error=LorasynthError)
         return GenerationSettings(**payload["settings"]), dict(payload.get("extra", {}))
     except (ValueError, KeyError, TypeError) as exc:
         raise LorasynthError(f"{path} has corrupt lorasynth metadata: {exc}") from exc

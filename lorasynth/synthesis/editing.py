@@ -32,7 +32,7 @@ def attribute_values(lib, ids: list[str], attribute: str) -> tuple[np.ndarray, n
 
 def attribute_direction(syn, lib, attribute: str) -> tuple[np.ndarray, float]:
     """Unit latent direction that increases ``attribute``, and the std of the latents along it."""
-    from lorasynth.training.model_parts import encode_rows
+    from lorasynth.models.latent import encode_rows
 
     train = set(int(i) for i in syn.model.info.train_ids)
     rows, y = attribute_values(lib, syn.pack.ids, attribute)

@@ -38,7 +38,7 @@ import torch
 
 from lorasynth.errors import LorasynthError
 from lorasynth.core.safe_io import atomic_write, write_text
-from lorasynth.core.layout import _module_factor_views, delta_gram, delta_inner  # noqa: F401  (delta_gram re-exported)
+from lorasynth.core.delta import delta_gram, delta_inner, factor_views
 from lorasynth.synthesis.synthesizer import SynthesisSettings, Synthesizer
 
 #: Settings tried when blend is tuned on validation.
@@ -74,7 +74,7 @@ def mean_delta_modules(layout, pack, rows, batch: int = 512) -> list[torch.Tenso
     sums = None
     for i in range(0, len(rows), batch):
         v = torch.from_numpy(pack.read_rows(rows[i : i + batch])).double()
-        parts = [torch.einsum("nor,nri->oi", b, a) for b, a in _module_factor_views(layout, v)]
+        parts = [torch.einsum("nor,nri->oi", b, a) for b, a in factor_views(layout, v)]
         sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
     return [s / max(len(rows), 1) for s in sums]
 
@@ -213,7 +213,7 @@ def tune_blend(syn: Synthesizer, val_rows: np.ndarray) -> tuple[dict, dict]:
 def regression_baseline(syn: Synthesizer, test_rows: np.ndarray):
     """Kernel ridge regression embedding -> latent, tuned on validation: predicted raw vectors."""
     from lorasynth.models.hypernet.regression import fit_kernel_mean
-    from lorasynth.training.model_parts import encode_rows
+    from lorasynth.models.latent import encode_rows
 
     info, pack, lat = syn.model.info, syn.pack, syn.latent
     train = np.asarray(info.train_ids)
@@ -228,6 +228,136 @@ def regression_baseline(syn: Synthesizer, test_rows: np.ndarray):
     model, _, report = fit_kernel_mean(e, (z - mu) / sd, ve, vz, n_landmarks=2048)
     pred = model(torch.from_numpy(_unit(pack.read_embeddings(test_rows)))) * sd + mu
     return syn.decode(pred), report
+
+
+# --------------------------------------------------------------------------- evaluate: steps
+
+
+def _eval_rows(syn: Synthesizer, split: str, max_items: int | None) -> tuple[np.ndarray, dict]:
+    """The pack rows to score (the ``split`` people, at most ``max_items``) and the isolation check's result."""
+    if split not in ("test", "validation"):
+        raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
+    test = np.asarray(syn.model.info.heldout_ids if split == "test" else syn.model.info.val_ids, dtype=np.int64)
+    if len(test) == 0:
+        raise ValueError(f"the model has no {split} rows: train it with --holdout FRACTION to evaluate")
+    isolation = check_isolation(syn)
+    if max_items:
+        test = test[:max_items]
+    return test, isolation
+
+
+def _mean_lora_scores(syn: Synthesizer, truth: np.ndarray, tt: np.ndarray) -> dict:
+    """Scores of the mean delta W of the training LoRAs against every truth."""
+    layout = syn.layout
+    mean_mods = mean_delta_modules(layout, syn.pack, syn.train_rows)
+    mm = float(sum((m * m).sum() for m in mean_mods))
+    mt = np.zeros(len(truth))
+    for (b, a), m in zip(factor_views(layout, torch.from_numpy(truth)), mean_mods):
+        mt += torch.einsum("nor,oi,nri->n", b, m, a).numpy()
+    return _scores(np.full(len(truth), mm), mt, tt)
+
+
+def _neighbour_strategies(syn: Synthesizer, strategies, test: np.ndarray, val: np.ndarray, tt: np.ndarray,
+                          s: SynthesisSettings, tune: bool, results: dict) -> None:
+    """``nearest``, ``blend`` (the settings' k and temperature) and ``blend_tuned`` (on validation) into ``results``."""
+    if "nearest" not in strategies and "blend" not in strategies:
+        return
+    st = results["strategies"]
+    kmax = max(s.k, max(BLEND_K) if tune and len(val) else 1)
+    sims, grams, inner = _neighbour_table(syn, test, kmax)
+    if "nearest" in strategies:
+        st["nearest"] = _scores(np.array([g[0, 0] for g in grams]), np.array([p[0] for p in inner]), tt)
+    if "blend" in strategies:
+        st["blend"] = _blend_score(sims, grams, inner, tt, min(s.k, sims.shape[1]), s.temperature, syn)
+        results["blend_settings"] = {"k": s.k, "temperature": s.temperature}
+        if tune and len(val):
+            chosen, grid = tune_blend(syn, val)
+            st["blend_tuned"] = _blend_score(sims, grams, inner, tt, min(chosen["k"], sims.shape[1]),
+                                             chosen["temperature"], syn)
+            results["blend_tuned_settings"] = {**chosen, "chosen_on": f"{len(val)} validation rows"}
+
+
+def _decoded_samples(syn: Synthesizer, cond: np.ndarray, s: SynthesisSettings, n: int, **kw) -> np.ndarray:
+    """``n`` hypernetwork samples per condition, decoded: ``(len(cond), n, D)`` float64."""
+    z = syn.hypernet.sample(torch.from_numpy(cond), num_steps=s.steps, guidance=s.guidance, seed=s.seed,
+                            n_samples=n, **kw)
+    return syn.decode(z).astype(np.float64).reshape(len(cond), n, -1)
+
+
+def _expected_scores(syn: Synthesizer, cond: np.ndarray, truth: np.ndarray, dim: int) -> dict:
+    """Scores of the exact expected delta W of the model's samples (what ``synthesize --average`` means)."""
+    exp_cos = exp_rel = 0.0
+    n_points = 0
+    for i in range(0, len(cond), 8):  # 2K points per face: a few faces at a time (w2w vectors are large)
+        ze = syn.hypernet.expected_latents(torch.from_numpy(cond[i : i + 8]))
+        points = syn.decode(ze).astype(np.float64).reshape(len(cond[i : i + 8]), -1, dim)
+        n_points = points.shape[1]
+        sc = sample_scores(syn.layout, points, truth[i : i + 8])
+        exp_cos += sc["mean_of_n"] * len(points)
+        exp_rel += sc["mean_of_n_relative_error"] * len(points)
+    return {"delta_cosine_mean": exp_cos / len(cond), "relative_error_mean": exp_rel / len(cond),
+            "n": int(len(cond)), "sigma_points": int(n_points)}
+
+
+def _memorization(syn: Synthesizer, truth: np.ndarray, first: np.ndarray) -> dict:
+    """Whether samples sit closer to training LoRAs than the held-out truths (as the latent holds them) do."""
+    from lorasynth.models.latent import reconstruct
+
+    layout, pack = syn.layout, syn.pack
+    train_best = best_training_match(layout, pack, syn.train_rows, truth)
+    sample_best = best_training_match(layout, pack, syn.train_rows, first)
+    # the truths as the latent holds them: samples live in the latent space the training rows
+    # span, so a perfect model's samples would be this close to training rows, not closer
+    recon = reconstruct(syn.latent, torch.from_numpy(truth).float()).double().numpy()
+    recon_best = best_training_match(layout, pack, syn.train_rows, recon)
+    reference = max(float(np.median(train_best)), float(np.median(recon_best)))
+    return {
+        "sample_best_train_cosine_median": float(np.median(sample_best)),
+        "truth_best_train_cosine_median": float(np.median(train_best)),
+        "truth_in_latent_best_train_cosine_median": float(np.median(recon_best)),
+        "memorizes": bool(np.median(sample_best) > reference + 0.02),
+    }
+
+
+def _diffusion_strategies(syn: Synthesizer, cond: np.ndarray, truth: np.ndarray, tt: np.ndarray,
+                          s: SynthesisSettings, n_samples: int, memorization: bool, results: dict) -> None:
+    """``diffusion_expected``, ``diffusion`` and ``diffusion_mean`` scores, sample spread and memorization into ``results``."""
+    layout, st = syn.layout, results["strategies"]
+    n = max(1, n_samples)
+    samples = _decoded_samples(syn, cond, s, n)
+    ss = sample_scores(layout, samples, truth)
+    # the average mode (synthesize --average) draws the same samples centred on the closed-form mean
+    centred = _decoded_samples(syn, cond, s, n, center=True)
+    sc = sample_scores(layout, centred, truth)
+    ss["mean_of_n"], ss["mean_of_n_relative_error"] = sc["mean_of_n"], sc["mean_of_n_relative_error"]
+    # the expectation (synthesize --average): the exact mean delta W of the model's samples
+    st["diffusion_expected"] = _expected_scores(syn, cond, truth, samples.shape[-1])
+    first = samples[:, 0]
+    st["diffusion"] = _point_scores(layout, first, truth, tt)
+    st["diffusion"]["delta_cosine_mean"] = ss["one_sample"]  # expected score of one sample
+    st["diffusion"]["first_sample_delta_cosine_mean"] = _point_scores(layout, first, truth, tt)["delta_cosine_mean"]
+    st["diffusion_mean"] = {"delta_cosine_mean": ss["mean_of_n"], "n": int(len(cond)), "n_samples": n,
+                            "relative_error_mean": ss["mean_of_n_relative_error"]}
+    d = syn.hypernet.sampling_defaults
+    results["diffusion_settings"] = {"guidance": s.guidance if s.guidance is not None else d.get("guidance"),
+                                     "steps": s.steps or d.get("num_steps"), "eta": d.get("eta"), "seed": s.seed,
+                                     "n_samples": n}
+    results["samples"] = {"pairwise_cosine": ss["pairwise_cosine"]}
+    if memorization:
+        results["memorization"] = _memorization(syn, truth, first)
+
+
+def _oracle_scores(oracle: Callable[[np.ndarray, int], np.ndarray], syn: Synthesizer, test: np.ndarray,
+                   truth: np.ndarray, n_samples: int, with_diffusion: bool, results: dict) -> None:
+    """The best achievable scores (exact samples of the true conditional), and the spread gap to the model's."""
+    o = np.asarray(oracle(test, max(2, n_samples)), dtype=np.float64)
+    results["oracle"] = sample_scores(syn.layout, o, truth)
+    if with_diffusion:
+        results["samples"]["oracle_pairwise_cosine"] = results["oracle"]["pairwise_cosine"]
+        results["samples"]["spread_gap"] = results["samples"]["pairwise_cosine"] - results["oracle"]["pairwise_cosine"]
+
+
+# --------------------------------------------------------------------------- evaluate
 
 
 @torch.no_grad()
@@ -246,104 +376,24 @@ def evaluate(syn: Synthesizer, strategies=("diffusion", "blend", "nearest"), max
     """
     s = settings or SynthesisSettings()
     layout, pack = syn.layout, syn.pack
-    if split not in ("test", "validation"):
-        raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
-    test = np.asarray(syn.model.info.heldout_ids if split == "test" else syn.model.info.val_ids, dtype=np.int64)
-    if len(test) == 0:
-        raise ValueError(f"the model has no {split} rows: train it with --holdout FRACTION to evaluate")
-    isolation = check_isolation(syn)
-    if max_items:
-        test = test[:max_items]
+    test, isolation = _eval_rows(syn, split, max_items)
     val = np.asarray(syn.model.info.val_ids, dtype=np.int64)
     truth = pack.read_rows(test).astype(np.float64)
-    truth_t = torch.from_numpy(truth)
     cond = _unit(pack.read_embeddings(test))
     tt = _self_inner(layout, truth)
     results: dict = {"split": split, "heldout": int(len(test)), "train": int(len(syn.train_rows)), "validation": int(len(val)),
                      "layout": layout.signature, "embedder": syn.model.info.embedder, "isolation": isolation,
                      "strategies": {}}
-    st = results["strategies"]
-
-    mean_mods = mean_delta_modules(layout, pack, syn.train_rows)
-    mm = float(sum((m * m).sum() for m in mean_mods))
-    mt = np.zeros(len(test))
-    for (b, a), m in zip(_module_factor_views(layout, truth_t), mean_mods):
-        mt += torch.einsum("nor,oi,nri->n", b, m, a).numpy()
-    st["mean_lora"] = _scores(np.full(len(test), mm), mt, tt)
-    if "nearest" in strategies or "blend" in strategies:
-        kmax = max(s.k, max(BLEND_K) if tune and len(val) else 1)
-        sims, grams, inner = _neighbour_table(syn, test, kmax)
-    if "nearest" in strategies:
-        st["nearest"] = _scores(np.array([g[0, 0] for g in grams]), np.array([p[0] for p in inner]), tt)
-    if "blend" in strategies:
-        st["blend"] = _blend_score(sims, grams, inner, tt, min(s.k, sims.shape[1]), s.temperature, syn)
-        results["blend_settings"] = {"k": s.k, "temperature": s.temperature}
-        if tune and len(val):
-            chosen, grid = tune_blend(syn, val)
-            st["blend_tuned"] = _blend_score(sims, grams, inner, tt, min(chosen["k"], sims.shape[1]),
-                                             chosen["temperature"], syn)
-            results["blend_tuned_settings"] = {**chosen, "chosen_on": f"{len(val)} validation rows"}
+    results["strategies"]["mean_lora"] = _mean_lora_scores(syn, truth, tt)
+    _neighbour_strategies(syn, strategies, test, val, tt, s, tune, results)
     if tune:
         pred, report = regression_baseline(syn, test)
-        st["regression"] = _point_scores(layout, pred, truth, tt)
+        results["strategies"]["regression"] = _point_scores(layout, pred, truth, tt)
         results["regression_settings"] = report
-    train_best = None
     if "diffusion" in strategies:
-        n = max(1, n_samples)
-        z = syn.hypernet.sample(torch.from_numpy(cond), num_steps=s.steps, guidance=s.guidance, seed=s.seed, n_samples=n)
-        samples = syn.decode(z).astype(np.float64).reshape(len(test), n, -1)
-        ss = sample_scores(layout, samples, truth)
-        # the average mode (synthesize --average) draws the same samples centred on the closed-form mean
-        zc = syn.hypernet.sample(torch.from_numpy(cond), num_steps=s.steps, guidance=s.guidance, seed=s.seed,
-                                 n_samples=n, center=True)
-        centred = syn.decode(zc).astype(np.float64).reshape(len(test), n, -1)
-        sc = sample_scores(layout, centred, truth)
-        ss["mean_of_n"], ss["mean_of_n_relative_error"] = sc["mean_of_n"], sc["mean_of_n_relative_error"]
-        # the expectation (synthesize --average): the exact mean delta W of the model's samples
-        exp_cos = exp_rel = 0.0
-        n_points = 0
-        for i in range(0, len(test), 8):  # 2K points per face: a few faces at a time (w2w vectors are large)
-            ze = syn.hypernet.expected_latents(torch.from_numpy(cond[i : i + 8]))
-            points = syn.decode(ze).astype(np.float64).reshape(len(cond[i : i + 8]), -1, samples.shape[-1])
-            n_points = points.shape[1]
-            sc = sample_scores(layout, points, truth[i : i + 8])
-            exp_cos += sc["mean_of_n"] * len(points)
-            exp_rel += sc["mean_of_n_relative_error"] * len(points)
-        st["diffusion_expected"] = {"delta_cosine_mean": exp_cos / len(test), "relative_error_mean": exp_rel / len(test),
-                                    "n": int(len(test)), "sigma_points": int(n_points)}
-        first = samples[:, 0]
-        st["diffusion"] = _point_scores(layout, first, truth, tt)
-        st["diffusion"]["delta_cosine_mean"] = ss["one_sample"]  # expected score of one sample
-        st["diffusion"]["first_sample_delta_cosine_mean"] = _point_scores(layout, first, truth, tt)["delta_cosine_mean"]
-        st["diffusion_mean"] = {"delta_cosine_mean": ss["mean_of_n"], "n": int(len(test)), "n_samples": n,
-                                "relative_error_mean": ss["mean_of_n_relative_error"]}
-        d = syn.hypernet.sampling_defaults
-        results["diffusion_settings"] = {"guidance": s.guidance if s.guidance is not None else d.get("guidance"),
-                                         "steps": s.steps or d.get("num_steps"), "eta": d.get("eta"), "seed": s.seed,
-                                         "n_samples": n}
-        results["samples"] = {"pairwise_cosine": ss["pairwise_cosine"]}
-        if memorization:
-            from lorasynth.models.latent import reconstruct
-
-            train_best = best_training_match(layout, pack, syn.train_rows, truth)
-            sample_best = best_training_match(layout, pack, syn.train_rows, first)
-            # the truths as the latent holds them: samples live in the latent space the training rows
-            # span, so a perfect model's samples would be this close to training rows, not closer
-            recon = reconstruct(syn.latent, torch.from_numpy(truth).float()).double().numpy()
-            recon_best = best_training_match(layout, pack, syn.train_rows, recon)
-            reference = max(float(np.median(train_best)), float(np.median(recon_best)))
-            results["memorization"] = {
-                "sample_best_train_cosine_median": float(np.median(sample_best)),
-                "truth_best_train_cosine_median": float(np.median(train_best)),
-                "truth_in_latent_best_train_cosine_median": float(np.median(recon_best)),
-                "memorizes": bool(np.median(sample_best) > reference + 0.02),
-            }
+        _diffusion_strategies(syn, cond, truth, tt, s, n_samples, memorization, results)
     if oracle is not None:
-        o = np.asarray(oracle(test, max(2, n_samples)), dtype=np.float64)
-        results["oracle"] = sample_scores(layout, o, truth)
-        if "diffusion" in strategies:
-            results["samples"]["oracle_pairwise_cosine"] = results["oracle"]["pairwise_cosine"]
-            results["samples"]["spread_gap"] = results["samples"]["pairwise_cosine"] - results["oracle"]["pairwise_cosine"]
+        _oracle_scores(oracle, syn, test, truth, n_samples, "diffusion" in strategies, results)
     results["latent"] = latent_reconstruction(syn, test, pca_baseline)
     return results
 

@@ -27,6 +27,8 @@ from lorasynth.core.blending import blend as blend_loras
 from lorasynth.errors import LorasynthError, ModelError
 from lorasynth.formats import save_lora, synthesized_metadata
 from lorasynth.core.lora import LoRA
+from lorasynth.models.hypernet.regression import cosine_top_k, softmax_weights
+from lorasynth.models.latent import decode_rows
 from lorasynth.models.model_folder import SynthesisModel
 
 STRATEGIES = ("diffusion", "blend", "nearest", "sample")
@@ -186,23 +188,17 @@ class Synthesizer:
 
     # ---------------------------------------------------------------- strategies on vectors
     def neighbours(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k pack rows and cosine similarities for each embedding row (B, E)."""
-        sims = np.atleast_2d(embeddings) @ self.library_embeddings().T
-        k = min(k, sims.shape[1])
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        order = np.take_along_axis(sims, top, axis=1).argsort(axis=1)[:, ::-1]
-        top = np.take_along_axis(top, order, axis=1)
-        return self.train_rows[top], np.take_along_axis(sims, top, axis=1)
+        """Top-k pack rows and cosine similarities for each embedding row (B, E), most similar first."""
+        sims, top = cosine_top_k(torch.from_numpy(np.atleast_2d(embeddings)), torch.from_numpy(self.library_embeddings()), k)
+        return self.train_rows[top.numpy()], sims.numpy()
 
     def blend_weights(self, sims: np.ndarray, temperature: float) -> np.ndarray:
-        logits = sims / temperature
-        w = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        return w / w.sum(axis=-1, keepdims=True)
+        """``softmax(cos / temperature)``: the blend strategy's weights."""
+        return softmax_weights(torch.as_tensor(sims), temperature).numpy()
 
-    @torch.no_grad()
     def decode(self, z: torch.Tensor) -> np.ndarray:
-        """Latents -> raw flat canonical LoRA vectors."""
-        return self.latent.destandardize(self.latent.decode(z)).float().cpu().numpy()
+        """Latents -> raw flat canonical LoRA vectors (float32)."""
+        return decode_rows(self.latent, z, np.float32)
 
     @torch.no_grad()
     def diffusion_latents(self, embeddings: np.ndarray | None, settings: SynthesisSettings) -> torch.Tensor:

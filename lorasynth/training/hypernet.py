@@ -44,8 +44,10 @@ from lorasynth.models.hypernet.model import (  # noqa: F401  (re-exported: older
     Hypernet,
     HypernetConfig,
 )
-from lorasynth.models.hypernet.regression import (MIX_GRID, _mse, choose_pair_neighbours, cross_fit_neighbours, energy_scores,  # noqa: F401
-                         fit_kernel_mean, fit_local_covariance, fit_neighbour_mean, make_folds, top_neighbours)
+from lorasynth.core.delta import energy_scores
+from lorasynth.models.hypernet.regression import (MIX_GRID, choose_pair_neighbours, cross_fit_neighbours, fit_kernel_mean,
+                                                  fit_local_covariance, fit_neighbour_mean, make_folds, top_neighbours,
+                                                  weighted_mse)
 
 
 class NeighbourPairs(Dataset):
@@ -226,7 +228,7 @@ class HypernetDiffusion(lightning.LightningModule):
         m = self.model
         nb, nb_report = fit_neighbour_mean(cond_raw, zn, val_raw, vz, weight)
         kr_val, nb_val = m.conditional_mean(vc), nb(val_raw)
-        errs = {a: _mse(a * kr_val + (1 - a) * nb_val, vz, weight) for a in MIX_GRID}
+        errs = {a: weighted_mse(a * kr_val + (1 - a) * nb_val, vz, weight) for a in MIX_GRID}
         mix = min(errs, key=errs.get)
         self.mean_report = {**self.mean_report, "neighbours": nb_report,
                             "mix_ridge_weight": mix, "mix_validation_mse": {f"{a:g}": e for a, e in errs.items()}}
@@ -339,11 +341,6 @@ class HypernetDiffusion(lightning.LightningModule):
         """Write the EMA model as ``hypernet.safetensors`` + ``hypernet.json``."""
         return self.hypernet().export(out_dir, sampling, {"mean": self.mean_report, **(extra or {})})
 
-    @classmethod
-    def load(cls, model_dir, map_location="cpu") -> Hypernet:
-        """Load an exported hypernetwork (a plain :class:`Hypernet`; kept here for old callers)."""
-        return Hypernet.load(model_dir, map_location)
-
 
 #: Sampler settings tried by :func:`calibrate_sampling`.
 CALIBRATION_GRID = ((50, 0.0, 1.0), (100, 0.0, 1.0), (200, 0.0, 1.0), (100, 1.0, 1.0), (100, 0.0, 1.5))
@@ -409,7 +406,7 @@ def calibrate_sampling(model: Hypernet, val_latents: Tensor, val_conds: Tensor, 
         res = resids[one[:3]]
         off = ~torch.eye(samples, dtype=torch.bool)
         alike = {t: float(pairwise(model.denormalize_latent(mean[:, None] + t * res))[:, off].mean()) for t in temps}
-        temp = _temperature_for_spread(alike, target)
+        temp = temperature_for_spread(alike, target)
         report = {"temperature_rule": "samples of one face as alike as the LoRAs of look-alike people",
                   "look_alike_spread": spread_report, "pairwise_cosine_by_temperature": {f"{t:g}": v for t, v in alike.items()}}
     else:
@@ -427,7 +424,7 @@ def calibrate_sampling(model: Hypernet, val_latents: Tensor, val_conds: Tensor, 
             "on": f"{len(c)} validation rows, energy score " + ("in raw latent units" if energy is None else "of delta W")}
 
 
-def _temperature_for_spread(alike: dict[float, float], target: float) -> float:
+def temperature_for_spread(alike: dict[float, float], target: float) -> float:
     """The temperature whose samples' mean pairwise cosine is ``target`` (``alike``: temperature ->
     pairwise cosine, falling as the temperature rises), linearly interpolated, clamped to the grid."""
     temps = sorted(alike)

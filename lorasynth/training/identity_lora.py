@@ -36,517 +36,87 @@ the LoRA from turning every person into the identity. weights2weights trained wi
 it is off here because generating the class images costs minutes per image on a CPU
 (they are generated once per run and shared by all identities; with ``work_dir`` they are
 cached on disk).
+
+The code is split by job: :mod:`lorasynth.training.identity_data` (photos, prompts, class
+latents), :mod:`lorasynth.training.identity_peft` (targets, layout, peft inject/extract),
+:mod:`lorasynth.training.identity_train` (the loss, the Lightning module, one identity) and
+this module (many identities into a library). Every public name of those modules is
+importable from here too.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
-import tempfile
-import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Sequence
 
-import lightning
 import numpy as np
-from lightning.pytorch.callbacks import Callback
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from lorasynth.errors import FaceError, ImageError, LayoutError, LibraryError, LorasynthError, ModelError
-from lorasynth.core.layout import Layout, ModuleSpec
-from lorasynth.core.lora import LoRA, LoRAModule
-from lorasynth.core.sd15 import file_path
-from lorasynth.training.lightning import LossCurveCallback, barrier, fit, is_global_zero
+from lorasynth.errors import FaceError, ImageError, LayoutError, LibraryError, LorasynthError
 from lorasynth.training.identity_config import IdentityTrainConfig
+from lorasynth.training.identity_data import (
+    PHOTO_SUFFIXES,
+    PhotoLatents,
+    class_latents_key,
+    encode_photos,
+    encode_prompt,
+    make_class_latents,
+    photos_in,
+    preprocess_photo,
+    tokenize,
+)
+from lorasynth.training.identity_peft import (
+    ADAPTER_NAME,
+    extract_lora,
+    identity_layout,
+    inject_lora,
+    lora_name,
+    remove_lora,
+    target_modules,
+)
+from lorasynth.training.identity_train import (
+    IdentityLoRAModule,
+    TrainMetrics,
+    diffusion_loss,
+    diffusion_target,
+    load_base_pipeline,
+    train_identity_lora,
+)
+from lorasynth.training.lightning import barrier, is_global_zero
 
-ADAPTER_NAME = "lorasynth_identity"
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+__all__ = [
+    "ADAPTER_NAME",
+    "IdentityLoRAModule",
+    "IdentityTrainConfig",
+    "PHOTO_SUFFIXES",
+    "PhotoLatents",
+    "SOURCE_PREFIX",
+    "TrainMetrics",
+    "TrainReport",
+    "class_latents_key",
+    "diffusion_loss",
+    "diffusion_target",
+    "encode_photos",
+    "encode_prompt",
+    "entry_name",
+    "extract_lora",
+    "identity_layout",
+    "inject_lora",
+    "list_identities",
+    "lora_name",
+    "make_class_latents",
+    "parse_shard",
+    "preprocess_photo",
+    "remove_lora",
+    "shard_of",
+    "target_modules",
+    "tokenize",
+    "train_identities",
+    "train_identity_lora",
+]
+
 SOURCE_PREFIX = "train:"
-
-
-@dataclass
-class TrainMetrics:
-    """What one identity's training did. Losses are per step; initial/final are smoothed
-    (mean of the first / last ``window`` steps, ``window`` = steps // 10, 1 to 20)."""
-
-    initial_loss: float
-    final_loss: float
-    steps: int
-    seconds: float
-    seconds_per_step: float
-    photos: int
-    losses: list[float] = field(default_factory=list, repr=False)
-
-    def to_dict(self, with_losses: bool = False) -> dict:
-        d = asdict(self)
-        if not with_losses:
-            d.pop("losses")
-        return d
-
-
-# --------------------------------------------------------------------------- targets / layout
-
-
-def _matches(name: str, targets: Sequence[str]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _linear_targets(model: nn.Module, targets: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """``{module path: weight shape}`` of every ``nn.Linear`` of ``model`` whose name ends with a target."""
-    return {
-        name: tuple(mod.weight.shape)
-        for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and _matches(name, targets)
-    }
-
-
-def target_modules(pipe, cfg: IdentityTrainConfig) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Per component (``"unet"``, ``"text_encoder"``): the module paths peft will wrap, with shapes.
-
-    Raises LayoutError if the targets match nothing in the UNet.
-    """
-    out = {"unet": _linear_targets(pipe.unet, cfg.targets)}
-    if not out["unet"]:
-        raise LayoutError(f"no Linear module of the UNet ends with any of the targets {cfg.targets}")
-    if cfg.train_text_encoder:
-        out["text_encoder"] = _linear_targets(pipe.text_encoder, cfg.text_encoder_targets)
-        if not out["text_encoder"]:
-            raise LayoutError(f"no Linear module of the text encoder ends with any of {cfg.text_encoder_targets}")
-    return out
-
-
-def lora_name(component: str, path: str) -> str:
-    """Canonical LoRA module name (``unet.<path>``; text encoder paths keep ``text_model.``)."""
-    return f"{component}.{file_path(component, path)}"
-
-
-def identity_layout(pipe, cfg: IdentityTrainConfig) -> Layout:
-    """The layout every LoRA trained with ``cfg`` on ``pipe`` has (sorted module names)."""
-    specs = [
-        ModuleSpec.for_weight(lora_name(component, path), shape, cfg.rank)
-        for component, modules in target_modules(pipe, cfg).items()
-        for path, shape in modules.items()
-    ]
-    return Layout(tuple(sorted(specs, key=lambda s: s.name)))
-
-
-# --------------------------------------------------------------------------- peft injection / extraction
-
-
-def _has_adapters(model: nn.Module) -> bool:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
-
-
-def inject_lora(model: nn.Module, module_paths: Iterable[str], rank: int, alpha: float, seed: int | None = None):
-    """Wrap ``module_paths`` of ``model`` with a trainable peft LoRA (in place); returns the peft tuner.
-
-    The LoRA starts as peft's ``"gaussian"`` init (A ~ N(0, 1/r), B = 0: the model's output is
-    unchanged); ``seed`` makes A reproducible. Every other parameter of ``model`` is frozen.
-    Undo with ``tuner.unload()`` (:func:`remove_lora`).
-    """
-    from peft import LoraConfig, LoraModel
-
-    paths = sorted(module_paths)
-    if _has_adapters(model):
-        raise ModelError(
-            f"the {type(model).__name__} already carries peft/LoRA adapters; train on a clean base model "
-            "(do not load LoRAs into the pipeline before training)"
-        )
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=paths, lora_dropout=0.0,
-                        init_lora_weights="gaussian", bias="none")
-    model.requires_grad_(False)
-    if seed is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            tuner = LoraModel(model, config, ADAPTER_NAME)
-    else:
-        tuner = LoraModel(model, config, ADAPTER_NAME)
-    for name, p in model.named_parameters():
-        p.requires_grad_(f".lora_A.{ADAPTER_NAME}." in name or f".lora_B.{ADAPTER_NAME}." in name)
-    return tuner
-
-
-def remove_lora(tuner) -> None:
-    """Take the peft layers out again (the original modules come back, untouched)."""
-    tuner.unload()
-
-
-def extract_lora(model: nn.Module, component: str) -> dict[str, LoRAModule]:
-    """The peft adapter of ``model`` as canonical modules ``{component.path: LoRAModule}``.
-
-    ``down = lora_A`` (r x in), ``up = lora_B`` (out x r), ``alpha = scaling * r``, i.e. the
-    ``lora_alpha`` peft scales by: ``delta W = alpha / r * up @ down`` is exactly peft's update.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    out: dict[str, LoRAModule] = {}
-    for path, mod in model.named_modules():
-        if not isinstance(mod, LoraLayer) or ADAPTER_NAME not in mod.lora_A:
-            continue
-        if mod.use_dora.get(ADAPTER_NAME, False):
-            raise ModelError(f"{path}: DoRA adapters cannot be expressed as a plain LoRA")
-        down = mod.lora_A[ADAPTER_NAME].weight.detach().float().cpu().clone()
-        up = mod.lora_B[ADAPTER_NAME].weight.detach().float().cpu().clone()
-        alpha = float(mod.scaling[ADAPTER_NAME]) * down.shape[0]
-        out[lora_name(component, path)] = LoRAModule(down.contiguous(), up.contiguous(), alpha)
-    return out
-
-
-# --------------------------------------------------------------------------- photos -> latents
-
-
-def preprocess_photo(photo, resolution: int) -> Tensor:
-    """One photo (path, array or PIL image) as a 3 x R x R float tensor in [-1, 1].
-
-    The shorter side is resized to ``resolution`` (bicubic), then the center is cropped,
-    as DreamBooth's default transform; EXIF orientation and odd modes are handled by
-    :func:`lorasynth.faces.read_rgb`.
-    """
-    from PIL import Image
-
-    from lorasynth.faces import read_rgb
-
-    rgb = read_rgb(photo)
-    im = Image.fromarray(rgb)
-    w, h = im.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    im = im.crop((left, top, left + resolution, top + resolution))
-    x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
-    return x / 127.5 - 1.0
-
-
-@torch.no_grad()
-def encode_photos(vae, photos: Sequence, resolution: int) -> tuple[Tensor, Tensor]:
-    """VAE latent distributions of ``photos``: ``(mean, std)``, each N x 4 x R/8 x R/8, fp32,
-    already in UNet space (shifted and multiplied by ``vae.config.scaling_factor``)."""
-    if not photos:
-        raise LorasynthError("no photos to train on")
-    scale = float(vae.config.scaling_factor)
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-    means, stds = [], []
-    for photo in photos:  # one at a time: a 512 px encode already takes GBs on SD1.5
-        x = preprocess_photo(photo, resolution)[None].to(device=vae.device, dtype=vae.dtype)
-        dist = vae.encode(x).latent_dist
-        means.append(((dist.mean.float() - shift) * scale).cpu())
-        stds.append((dist.std.float() * scale).cpu())
-    return torch.cat(means), torch.cat(stds)
-
-
-def tokenize(pipe, prompt: str) -> Tensor:
-    """Token ids (1 x 77) of ``prompt``, padded to the tokenizer's max length as SD1.5 does."""
-    return pipe.tokenizer(
-        prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-
-
-@torch.no_grad()
-def encode_prompt(pipe, prompt: str) -> Tensor:
-    """The text encoder's last hidden state for ``prompt`` (1 x 77 x width), fp32."""
-    ids = tokenize(pipe, prompt).to(pipe.text_encoder.device)
-    return pipe.text_encoder(ids)[0].float().cpu()
-
-
-def class_latents_key(pipe_id: str, cfg: IdentityTrainConfig) -> str:
-    """Cache key of the prior-preservation latents (base model, prompt, count, steps, seed, size)."""
-    parts = [pipe_id, cfg.class_prompt, cfg.num_class_images, cfg.class_steps, cfg.seed, cfg.resolution,
-             cfg.class_images_dir]
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
-
-
-@torch.no_grad()
-def make_class_latents(pipe, cfg: IdentityTrainConfig, cache_dir: str | Path | None = None,
-                       pipe_id: str = "") -> Tensor:
-    """The prior-preservation latents (M x 4 x R/8 x R/8, UNet space), generated or encoded once.
-
-    From ``cfg.class_images_dir`` (every photo in it, VAE-encoded, distribution means) if set,
-    else ``cfg.num_class_images`` samples of the base pipeline (its own scheduler,
-    ``cfg.class_steps`` steps, guidance 7.5, seeds ``cfg.seed + i``) taken as latents (no
-    decode/encode round trip). Must be called before any adapter is injected. With
-    ``cache_dir`` the result is stored as ``class_latents-<key>.safetensors`` and reused.
-    """
-    from safetensors.torch import load_file, save_file
-
-    cache = None
-    if cache_dir is not None:
-        cache = Path(cache_dir) / f"class_latents-{class_latents_key(pipe_id, cfg)}.safetensors"
-        if cache.is_file():
-            return load_file(str(cache))["latents"]
-    if cfg.class_images_dir is not None:
-        photos = _photos_in(Path(cfg.class_images_dir))
-        if not photos:
-            raise LorasynthError(f"class_images_dir {cfg.class_images_dir} holds no photos")
-        latents = encode_photos(pipe.vae, photos, cfg.resolution)[0]
-    else:
-        was = getattr(pipe, "_progress_bar_config", {}).copy()
-        pipe.set_progress_bar_config(disable=True)
-        out = []
-        try:
-            for i in range(cfg.num_class_images):
-                g = torch.Generator("cpu").manual_seed(cfg.seed + i)
-                res = pipe(cfg.class_prompt, num_inference_steps=cfg.class_steps, guidance_scale=7.5,
-                           height=cfg.resolution, width=cfg.resolution, generator=g, output_type="latent")
-                out.append(res.images.float().cpu())
-        finally:
-            pipe.set_progress_bar_config(**was)
-        latents = torch.cat(out)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        save_file({"latents": latents.contiguous()}, str(tmp))
-        os.replace(tmp, cache)
-    return latents
-
-
-class PhotoLatents(Dataset):
-    """Training items: an instance latent distribution (mean, std) and, optionally, a class latent.
-
-    Item ``i`` pairs photo ``i % N`` with class latent ``i % M``; the sampler draws indices
-    with replacement, so any number of steps is one "epoch".
-    """
-
-    def __init__(self, mean: Tensor, std: Tensor, class_latents: Tensor | None = None):
-        self.mean, self.std, self.class_latents = mean, std, class_latents
-
-    def __len__(self) -> int:
-        return max(len(self.mean), 0 if self.class_latents is None else len(self.class_latents))
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        item = {"mean": self.mean[i % len(self.mean)], "std": self.std[i % len(self.std)]}
-        if self.class_latents is not None:
-            item["class"] = self.class_latents[i % len(self.class_latents)]
-        return item
-
-
-# --------------------------------------------------------------------------- the Lightning module
-
-
-def diffusion_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-    """What the UNet must predict for the scheduler's ``prediction_type``."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    if kind == "sample":
-        return latents
-    raise ModelError(f"unsupported prediction_type {kind!r} (expected epsilon, v_prediction or sample)")
-
-
-def diffusion_loss(unet, scheduler, latents: Tensor, text: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-    """MSE of the UNet's prediction on ``latents`` noised with ``noise`` at ``timesteps`` (fp32 loss)."""
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    dtype = unet.dtype
-    pred = unet(noisy.to(dtype), timesteps, encoder_hidden_states=text.to(dtype)).sample
-    return F.mse_loss(pred.float(), diffusion_target(scheduler, latents, noise, timesteps).float())
-
-
-class IdentityLoRAModule(lightning.LightningModule):
-    """DreamBooth on a frozen UNet carrying a peft LoRA; only the LoRA parameters train.
-
-    Holds the UNet (and the text encoder when it trains too) as submodules, the encoded
-    prompt(s) as buffers, and a ``DDPMScheduler`` for noising. Checkpoints keep only the
-    trainable (LoRA) tensors: the frozen base never goes to disk.
-    """
-
-    def __init__(self, unet: nn.Module, scheduler, prompt_embeds: Tensor, class_embeds: Tensor | None = None,
-                 lr: float = 1e-4, weight_decay: float = 1e-2, prior_loss_weight: float = 1.0,
-                 text_encoder: nn.Module | None = None, prompt_ids: Tensor | None = None,
-                 class_ids: Tensor | None = None) -> None:
-        super().__init__()
-        self.unet = unet
-        self.text_encoder = text_encoder  # set only when its LoRA trains
-        self.scheduler = scheduler
-        self.lr, self.weight_decay, self.prior_loss_weight = lr, weight_decay, prior_loss_weight
-        self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
-        self.register_buffer("class_embeds", class_embeds, persistent=False)
-        self.register_buffer("prompt_ids", prompt_ids, persistent=False)
-        self.register_buffer("class_ids", class_ids, persistent=False)
-        self.strict_loading = False  # checkpoints hold the LoRA only
-
-    def _text(self, embeds: Tensor | None, ids: Tensor | None, batch: int) -> Tensor:
-        if self.text_encoder is not None:
-            embeds = self.text_encoder(ids)[0]
-        return embeds.expand(batch, -1, -1)
-
-    def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        latents = batch["mean"] + batch["std"] * torch.randn_like(batch["std"])
-        n = latents.shape[0]
-        text = self._text(self.prompt_embeds, self.prompt_ids, n)
-        has_class = "class" in batch
-        if has_class:
-            latents = torch.cat([latents, batch["class"]])
-            text = torch.cat([text, self._text(self.class_embeds, self.class_ids, batch["class"].shape[0])])
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-        noisy = self.scheduler.add_noise(latents, noise, t)
-        dtype = self.unet.dtype
-        pred = self.unet(noisy.to(dtype), t, encoder_hidden_states=text.to(dtype)).sample.float()
-        target = diffusion_target(self.scheduler, latents, noise, t).float()
-        loss = F.mse_loss(pred[:n], target[:n])
-        if has_class:
-            prior = F.mse_loss(pred[n:], target[n:])
-            self.log("prior_loss", prior, on_step=True, on_epoch=False, batch_size=n)
-            loss = loss + self.prior_loss_weight * prior
-        return loss
-
-    def training_step(self, batch, batch_idx):
-        loss = self.compute_loss(batch)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["mean"].shape[0])
-        return loss
-
-    def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
-
-
-# --------------------------------------------------------------------------- one identity
-
-
-class _StepTimer(Callback):
-    """Wall time and number of the optimizer steps run in this fit (a resumed run counts its own)."""
-
-    def __init__(self) -> None:
-        self.steps, self.seconds, self._start = 0, 0.0, None
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.steps += 1
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self._start is not None:
-            self.seconds = time.perf_counter() - self._start
-
-
-def _load(pipe_or_base, cfg: IdentityTrainConfig):
-    if isinstance(pipe_or_base, (str, os.PathLike)):
-        from lorasynth.runtime.pipeline import load_pipeline
-
-        return load_pipeline(str(pipe_or_base), dtype=cfg.dtype)
-    return pipe_or_base
-
-
-def _smoothed(losses: Sequence[float]) -> tuple[float, float]:
-    if not losses:
-        return float("nan"), float("nan")
-    w = max(1, min(20, len(losses) // 10))
-    return float(np.mean(losses[:w])), float(np.mean(losses[-w:]))
-
-
-def train_identity_lora(
-    pipe_or_base,
-    photos: Sequence,
-    cfg: IdentityTrainConfig | None = None,
-    out_dir: str | Path | None = None,
-    class_latents: Tensor | None = None,
-    resume: bool = False,
-) -> tuple[LoRA, TrainMetrics]:
-    """Train one identity LoRA on ``photos`` (paths or arrays); returns ``(LoRA, metrics)``.
-
-    ``pipe_or_base``: a loaded ``StableDiffusionPipeline`` (trained in its dtype/device and
-    left as it was afterwards: the adapter is removed, train/eval mode and ``requires_grad``
-    restored) or a base model path/id (loaded with ``cfg.dtype``).
-    ``out_dir``: where Lightning writes ``checkpoints/last.ckpt`` (LoRA + optimizer only),
-    ``logs/`` and ``loss_curve.png``; None uses a temporary folder, deleted afterwards.
-    ``resume=True`` continues from ``out_dir/checkpoints/last.ckpt`` when it exists.
-    ``class_latents``: prior-preservation latents (see :func:`make_class_latents`); made
-    here when ``cfg.prior_preservation`` and none are given.
-
-    The LoRA's modules are ``unet.<path>`` (plus ``text_encoder.text_model.<path>`` with
-    ``cfg.train_text_encoder``), rank ``cfg.rank``, alpha ``cfg.alpha``; its metadata
-    records the recipe.
-    """
-    from diffusers import DDPMScheduler
-
-    cfg = cfg or IdentityTrainConfig()
-    pipe = _load(pipe_or_base, cfg)
-    photos = list(photos)
-    targets = target_modules(pipe, cfg)  # raises before any work if the targets match nothing
-    mean, std = encode_photos(pipe.vae, photos, cfg.resolution)
-    if cfg.prior_preservation and class_latents is None:
-        class_latents = make_class_latents(pipe, cfg, out_dir)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-
-    prompt_embeds = encode_prompt(pipe, cfg.prompt)
-    class_embeds = encode_prompt(pipe, cfg.class_prompt) if class_latents is not None else None
-
-    tmp = None
-    if out_dir is None:
-        # under DDP only rank 0 writes (Lightning hands its folder to the other ranks)
-        tmp = Path(tempfile.mkdtemp(prefix="lorasynth-train-")) if is_global_zero() else None
-        out_dir = tmp or Path(tempfile.gettempdir()) / "lorasynth-train-rank-n"
-    models = {"unet": pipe.unet}
-    if cfg.train_text_encoder:
-        models["text_encoder"] = pipe.text_encoder
-    saved = {k: (m.training, m.device, {n: p.requires_grad for n, p in m.named_parameters()}) for k, m in models.items()}
-    tuners: dict[str, Any] = {}
-    try:
-        for i, (component, model) in enumerate(models.items()):
-            tuners[component] = inject_lora(model, targets[component], cfg.rank, cfg.alpha, seed=cfg.seed + i)
-        te = pipe.text_encoder if cfg.train_text_encoder else None
-        module = IdentityLoRAModule(
-            pipe.unet, scheduler, prompt_embeds, class_embeds, lr=cfg.lr, weight_decay=cfg.weight_decay,
-            prior_loss_weight=cfg.prior_loss_weight, text_encoder=te,
-            prompt_ids=tokenize(pipe, cfg.prompt) if te is not None else None,
-            class_ids=tokenize(pipe, cfg.class_prompt) if te is not None and class_latents is not None else None,
-        )
-        dataset = PhotoLatents(mean, std, class_latents)
-        sampler = RandomSampler(dataset, replacement=True, num_samples=cfg.steps * cfg.batch_size,
-                                generator=torch.Generator().manual_seed(cfg.seed))
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=False)
-        resume = resume and (Path(out_dir) / "checkpoints" / "last.ckpt").is_file()
-        module.train()  # DreamBooth trains in train mode (SD has no dropout/batch-norm: same maths)
-        timer = _StepTimer()
-        with warnings.catch_warnings():
-            # the sampler draws with replacement: restarting it on resume loses nothing
-            warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
-            trainer = fit(module, loader, out_dir, cfg.train_config(), resume=resume, extra_callbacks=[timer])
-        curve = next((c for c in trainer.callbacks if isinstance(c, LossCurveCallback)), None)
-        losses = [v for _, v in curve.train] if curve is not None else []
-        modules: dict[str, LoRAModule] = {}
-        for component, model in models.items():
-            modules.update(extract_lora(model, component))
-    finally:
-        for component, tuner in tuners.items():
-            remove_lora(tuner)
-        for component, model in models.items():
-            training, device, grads = saved[component]
-            model.to(device)
-            model.train(training)
-            for n, p in model.named_parameters():
-                p.requires_grad_(grads.get(n, p.requires_grad))
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    initial, final = _smoothed(losses)
-    metrics = TrainMetrics(initial, final, int(trainer.global_step), timer.seconds,
-                           timer.seconds / max(1, timer.steps), len(photos), losses)
-    lora = LoRA(dict(sorted(modules.items())), metadata={
-        "lorasynth.trained": "dreambooth-lora",
-        "lorasynth.train_config": json.dumps({k: v for k, v in cfg.to_dict().items()
-                                             if k not in ("devices", "accelerator", "strategy", "num_nodes", "progress",
-                                                          "log_every", "ckpt_every")},
-                                            default=str),
-    })
-    lora.check_finite()
-    return lora, metrics
 
 
 # --------------------------------------------------------------------------- many identities
@@ -564,11 +134,6 @@ def parse_shard(text: str) -> tuple[int, int]:
     if n < 1 or not 0 <= i < n:
         raise LorasynthError(f"--shard {text!r}: need N >= 1 and 0 <= I < N")
     return i, n
-
-
-def _photos_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES and not p.name.startswith("."))
 
 
 def list_identities(identities_dir: str | Path) -> list[Path]:
@@ -618,7 +183,7 @@ class TrainReport:
 
 def _embed_identity(embedder, photos: Sequence[Path], report: TrainReport, name: str) -> np.ndarray:
     """Mean (re-normalized) face embedding of the photos that have a face; FaceError if none does."""
-    from lorasynth.library.store import clean_embedding
+    from lorasynth.library.records import clean_embedding
 
     vecs = []
     for p in photos:
@@ -629,6 +194,93 @@ def _embed_identity(embedder, photos: Sequence[Path], report: TrainReport, name:
     if not vecs:
         raise FaceError(f"no face found in any of the {len(photos)} photo(s); cannot embed this identity")
     return clean_embedding(np.mean(np.stack(vecs), axis=0), f"{name}: mean photo embedding")
+
+
+# --------------------------------------------------------------------------- train_identities: steps
+
+
+def _untrained(library, folders: Sequence[Path], report: TrainReport) -> list[Path]:
+    """The folders whose entry name the library does not hold yet (the others go to ``report.skipped``)."""
+    todo = []
+    for folder in folders:
+        name = entry_name(folder)
+        try:
+            library.resolve(name)
+            report.skipped.append(name)
+        except LibraryError:
+            todo.append(folder)
+    return todo
+
+
+def _check_layout(pipe, cfg: IdentityTrainConfig, library) -> None:
+    """LayoutError unless LoRAs trained with ``cfg`` on ``pipe`` fit the library's layout."""
+    layout = identity_layout(pipe, cfg)
+    if layout.signature != library.layout.signature:
+        theirs = library.layout
+        raise LayoutError(
+            f"LoRAs trained with targets {cfg.targets} at rank {cfg.rank} on this base model have layout "
+            f"{layout.signature} ({len(layout)} modules, {layout.size} values), but the library's layout is "
+            f"{theirs.signature} ({len(theirs)} modules, {theirs.size} values); "
+            f"create the library from this base model with a matching --layout"
+        )
+
+
+def _face_embedder(library, embedder):
+    """``(embedder object or None, its name)``: the given one, by name, the library's (None), or none (False)."""
+    emb = library.embedder if embedder is None else (None if embedder is False else embedder)
+    if isinstance(emb, str):
+        from lorasynth.faces import get_embedder
+
+        emb = get_embedder(emb)
+    return emb, getattr(emb, "name", None)
+
+
+def _with_progress(todo: list[Path], progress: bool, shard: tuple[int, int]):
+    """``todo``, wrapped in a tqdm bar when ``progress`` and this is rank 0."""
+    if not (progress and is_global_zero()):
+        return todo
+    from tqdm.auto import tqdm
+
+    i, n = shard
+    return tqdm(todo, desc=f"identities (shard {i}/{n})", unit="identity", dynamic_ncols=True)
+
+
+def _entry_attributes(metrics: TrainMetrics) -> dict:
+    """The library attributes of a trained entry (rounded metrics)."""
+    return {"steps": metrics.steps, "final_loss": round(metrics.final_loss, 6),
+            "initial_loss": round(metrics.initial_loss, 6), "photos": metrics.photos,
+            "seconds": round(metrics.seconds, 2)}
+
+
+def _train_folder(library, pipe, folder: Path, cfg: IdentityTrainConfig, face, class_latents,
+                  work_dir: str | Path | None, report: TrainReport) -> None:
+    """Train and store one identity folder, recording the outcome in ``report`` (errors included)."""
+    emb, emb_name = face
+    name = entry_name(folder)
+    try:
+        photos = photos_in(folder)
+        if not photos:
+            raise LorasynthError(f"no photos ({', '.join(PHOTO_SUFFIXES)}) in {folder}")
+        embeddings = {}
+        if emb is not None:  # cheap, and fails before the expensive training
+            embeddings[emb_name] = _embed_identity(emb, photos, report, name)
+        out = None if work_dir is None else Path(work_dir) / folder.name
+        lora, metrics = train_identity_lora(pipe, photos, cfg, out_dir=out, class_latents=class_latents,
+                                            resume=out is not None)
+        attrs = _entry_attributes(metrics)
+        if not is_global_zero():  # DDP: the LoRA is the same on every rank; rank 0 stores it
+            return
+        result = library.add(lora, name, source=f"{SOURCE_PREFIX}{folder.name}", attributes=attrs,
+                             embeddings=embeddings)
+    except LorasynthError as e:
+        report.errors.append((str(folder), str(e)))
+        return
+    if result.duplicate:
+        report.notes.append(f"{name}: identical LoRA already stored as entry {result.id} ({result.name})")
+    report.trained.append({"name": name, "id": result.id, "duplicate": result.duplicate, **metrics.to_dict()})
+
+
+# --------------------------------------------------------------------------- train_identities
 
 
 def train_identities(
@@ -666,71 +318,21 @@ def train_identities(
     report = TrainReport(shard=(i, n))
     folders = shard_of(list_identities(identities_dir), (i, n))
     report.identities = len(folders)
-    todo = []
-    for folder in folders:
-        name = entry_name(folder)
-        try:
-            library.resolve(name)
-            report.skipped.append(name)
-        except LibraryError:
-            todo.append(folder)
+    todo = _untrained(library, folders, report)
     if not todo:
         return report
 
-    pipe = _load(base if base is not None else library.base_model, cfg)
-    layout = identity_layout(pipe, cfg)
-    if layout.signature != library.layout.signature:
-        theirs = library.layout
-        raise LayoutError(
-            f"LoRAs trained with targets {cfg.targets} at rank {cfg.rank} on this base model have layout "
-            f"{layout.signature} ({len(layout)} modules, {layout.size} values), but the library's layout is "
-            f"{theirs.signature} ({len(theirs)} modules, {theirs.size} values); "
-            f"create the library from this base model with a matching --layout"
-        )
+    pipe = load_base_pipeline(base if base is not None else library.base_model, cfg)
+    _check_layout(pipe, cfg, library)
     if base is not None and str(base) != library.base_model and isinstance(base, (str, os.PathLike)):
         report.notes.append(f"training on {base}, but the library records base model {library.base_model}")
-
-    emb = library.embedder if embedder is None else (None if embedder is False else embedder)
-    if isinstance(emb, str):
-        from lorasynth.faces import get_embedder
-
-        emb = get_embedder(emb)
-    emb_name = getattr(emb, "name", None)
-
+    face = _face_embedder(library, embedder)
     class_latents = None
     if cfg.prior_preservation:
         class_latents = make_class_latents(pipe, cfg, work_dir, pipe_id=str(base or library.base_model))
 
-    bar = todo
-    if progress and is_global_zero():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(todo, desc=f"identities (shard {i}/{n})", unit="identity", dynamic_ncols=True)
-    for folder in bar:
-        name = entry_name(folder)
-        try:
-            photos = _photos_in(folder)
-            if not photos:
-                raise LorasynthError(f"no photos ({', '.join(PHOTO_SUFFIXES)}) in {folder}")
-            embeddings = {}
-            if emb is not None:  # cheap, and fails before the expensive training
-                embeddings[emb_name] = _embed_identity(emb, photos, report, name)
-            out = None if work_dir is None else Path(work_dir) / folder.name
-            lora, metrics = train_identity_lora(pipe, photos, cfg, out_dir=out, class_latents=class_latents,
-                                                resume=out is not None)
-            attrs = {"steps": metrics.steps, "final_loss": round(metrics.final_loss, 6),
-                     "initial_loss": round(metrics.initial_loss, 6), "photos": metrics.photos,
-                     "seconds": round(metrics.seconds, 2)}
-            if not is_global_zero():  # DDP: the LoRA is the same on every rank; rank 0 stores it
-                continue
-            result = library.add(lora, name, source=f"{SOURCE_PREFIX}{folder.name}", attributes=attrs,
-                                 embeddings=embeddings)
-        except LorasynthError as e:
-            report.errors.append((str(folder), str(e)))
-            continue
-        if result.duplicate:
-            report.notes.append(f"{name}: identical LoRA already stored as entry {result.id} ({result.name})")
-        report.trained.append({"name": name, "id": result.id, "duplicate": result.duplicate, **metrics.to_dict()})
+    for folder in _with_progress(todo, progress, (i, n)):
+        _train_folder(library, pipe, folder, cfg, face, class_latents, work_dir, report)
     barrier()
     if not is_global_zero():
         return TrainReport(shard=(i, n), identities=len(folders))

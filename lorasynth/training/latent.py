@@ -61,7 +61,7 @@ from torch import nn
 
 from lorasynth.training.lightning import TrainConfig, cosine_warmup_lr, fit, long_epoch_sampler
 from lorasynth.models.latent.vae import (  # noqa: F401  (re-exported: the network lives in vae_net, free of Lightning)
-    META_FILE, VAE_VERSION, WEIGHTS_FILE, ChunkLinear, VAEConfig, VAENet, _transformer, chunk_geometry,
+    META_FILE, VAE_VERSION, WEIGHTS_FILE, ChunkLinear, VAEConfig, VAENet, transformer_stack, chunk_geometry,
 )
 
 

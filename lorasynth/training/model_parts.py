@@ -11,27 +11,13 @@ finds the files on any rank.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 
 from lorasynth.errors import ModelError
+from lorasynth.models.latent import decode_rows, encode_rows
 from lorasynth.models.model_folder import SynthesisModel
 from lorasynth.training.lightning import TrainConfig, barrier, is_global_zero
-
-
-@torch.no_grad()
-def encode_rows(latent, pack, idx, batch_size: int = 256) -> torch.Tensor:
-    """Latent codes (VAE means / PCA coefficients) of pack rows ``idx``, streamed in batches."""
-    if hasattr(latent, "eval"):
-        latent.eval()
-    out = []
-    idx = np.asarray(idx)
-    for start in range(0, len(idx), batch_size):
-        raw = pack.read_rows(idx[start : start + batch_size])
-        out.append(latent.encode(latent.standardize(raw)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, latent.latent_dim)
 
 
 def train_latent(model: SynthesisModel, kind: str = "pca", latent_dim: int = 512, train_cfg: TrainConfig | None = None,
@@ -77,19 +63,14 @@ def train_latent(model: SynthesisModel, kind: str = "pca", latent_dim: int = 512
     return latent
 
 
-def decode_rows(latent, z: torch.Tensor) -> np.ndarray:
-    """Raw latents (N, K) -> flat LoRA vectors (N, D), float64 (the inverse of :func:`encode_rows`)."""
-    return latent.destandardize(latent.decode(z.float())).double().cpu().numpy()
-
-
 def delta_energy(latent, layout, max_rows: int = 200):
     """Energy scores in delta-W space for raw latents: ``f(samples (n, S, K), truth (n, K)) -> (n,)``.
 
     The hypernetwork's settings chosen on validation people (the residual model's neighbours, the
     sampler and its temperature) are scored by what the decoded LoRAs do to the weights
-    (:func:`lorasynth.core.layout.delta_energy_scores`), on at most ``max_rows`` rows.
+    (:func:`lorasynth.core.delta.delta_energy_scores`), on at most ``max_rows`` rows.
     """
-    from lorasynth.core.layout import delta_energy_scores
+    from lorasynth.core.delta import delta_energy_scores
 
     @torch.no_grad()
     def energy(samples: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -103,9 +84,9 @@ def delta_energy(latent, layout, max_rows: int = 200):
 
 def delta_cosines(latent, layout, max_rows: int = 400, chunk_bytes: int = 256 << 20):
     """Delta-W cosines among each face's raw latents: ``f(x (n, S, K)) -> (n, S, S)`` on at most
-    ``max_rows`` faces (decoded by ``latent``, :func:`lorasynth.core.layout.delta_cosine_blocks`), a
+    ``max_rows`` faces (decoded by ``latent``, :func:`lorasynth.core.delta.delta_cosine_blocks`), a
     few faces at a time (about ``chunk_bytes`` of decoded vectors: a w2w LoRA is 99,648 values)."""
-    from lorasynth.core.layout import delta_cosine_blocks
+    from lorasynth.core.delta import delta_cosine_blocks
 
     @torch.no_grad()
     def cosines(x: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lorasynth.core.layout import W2W_TARGETS, Layout, delta_cosine  # noqa: F401  (delta_cosine re-exported)
+from lorasynth.core.layout import W2W_TARGETS, Layout
 from lorasynth.core.lora import LoRA, canonical_factors
 
 #: The miniature SD1.5 UNet (``lorasynth.worlds.tiny_sd``, size "tiny") cross-attention blocks a
@@ -398,10 +398,6 @@ def _embed(seen: np.ndarray, cfg: SyntheticWorldConfig) -> np.ndarray:
 from lorasynth.library.splits import train_test_split  # noqa: E402,F401
 
 
-# --------------------------------------------------------------------------- delta-W geometry
-
-
-# delta_cosine lives with the other flat-vector geometry in lorasynth.core.layout (re-exported here).
 
 
 def write_world_pack(world: SyntheticWorld, out_dir: str | Path, idx: Sequence[int] | None = None,

@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 
 from lorasynth.errors import LorasynthError
+from lorasynth.core.safe_io import read_json
+from lorasynth.errors import FormatError
 from lorasynth.runtime.tokenizer import VOCAB_SIZE, build_clip_tokenizer_files
 
 #: Bump when the architecture or the build changes, so cached builds are rebuilt.
@@ -81,8 +83,8 @@ def read_tiny_marker(folder: str | Path) -> dict | None:
     """
     path = Path(folder) / MARKER_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json(path) if path.is_file() else None
+    except FormatError:
         return None
 
 

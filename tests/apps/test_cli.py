@@ -88,3 +88,36 @@ def test_generate_writes_png_with_settings(tiny_pipeline_dir, tmp_path, capsys):
     assert "l.safetensors" in extra["Lora"]
     assert main(["generate", "--base", str(tiny_pipeline_dir), "--prompt", "x", "--width", "60", "-o",
                  str(tmp_path / "bad.png")]) == 2
+
+
+@pytest.fixture
+def tiny_pack(tmp_path):
+    from lorasynth.worlds.planted import SyntheticWorldConfig, make_world, tiny_layout, write_world_pack
+
+    world = make_world(SyntheticWorldConfig(n_identities=40, layout=tiny_layout(), seed=0))
+    return write_world_pack(world, tmp_path / "pack")
+
+
+def test_train_latent_fits_pca_by_default_and_train_vae_is_its_deprecated_name(tiny_pack, tmp_path, capsys):
+    """``train latent`` (PCA unless --kind vae); ``train vae`` runs the same command with one warning line."""
+    from lorasynth.models.model_folder import SynthesisModel
+
+    common = ["--pack", str(tiny_pack), "--latent-dim", "8", "--no-progress"]
+    assert main(["train", "latent", "--out", str(tmp_path / "m1"), *common]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("trained pca (latent 8,") and "deprecated" not in err
+    assert SynthesisModel.open(tmp_path / "m1").info.latent_kind == "pca"
+
+    assert main(["train", "vae", "--out", str(tmp_path / "m2"), *common]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("trained pca (latent 8,")  # the same default as `train latent`
+    assert err.count("\n") == 1 and "`train vae` is deprecated: use `lorasynth train latent` (same options)" in err
+    assert SynthesisModel.open(tmp_path / "m2").info.latent_kind == "pca"
+    m1, m2 = (sorted((p.relative_to(tmp_path / m), p.read_bytes()) for p in (tmp_path / m / "latent").rglob("*")
+                     if p.is_file()) for m in ("m1", "m2"))
+    assert m1 == m2  # same options, same seed: the same latent model
+
+    assert main(["train", "latent", "--kind", "vae", "--out", str(tmp_path / "m3"), *common, "--steps", "2",
+                 "--batch-size", "8", "--accelerator", "cpu", "--devices", "1"]) == 0
+    assert capsys.readouterr().out.count("trained vae (latent 8,") == 1
+    assert SynthesisModel.open(tmp_path / "m3").info.latent_kind == "vae"

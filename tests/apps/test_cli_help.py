@@ -96,3 +96,13 @@ def test_file_commands_import_neither_lightning_nor_diffusers(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1] == "@@ []"
+
+
+def test_train_latent_help_names_both_kinds_and_the_default():
+    leaves = dict(_leaves(build_parser()))
+    text = " ".join(leaves[("train", "latent")].format_help().split())
+    assert "--kind {pca,vae}" in text and "(default: pca)" in text and "PCA by default" in text
+    kind = next(a for a in leaves[("train", "latent")]._actions if "--kind" in a.option_strings)
+    assert kind.default == "pca" and tuple(kind.choices) == ("pca", "vae")
+    alias = " ".join(leaves[("train", "vae")].format_help().split())
+    assert "Deprecated: use `lorasynth train latent`" in alias and "--kind {pca,vae}" in alias

@@ -285,6 +285,22 @@ def test_library_list_search_map_and_nearest(client, astro):
     assert all(n["name"].startswith("planted-") for n in near["neighbours"])
 
 
+def test_latent_map_points_and_marks_are_one_projection(backend):
+    """The map (``lorasynth.synthesis.latent_map``, shared with the demo): a library row marked on the
+    map lands on its own point; a capped map is a sorted subset of the same rows, chosen by the seed."""
+    from lorasynth.synthesis.latent_map import library_map, project_vectors
+
+    m = backend.latent_map()
+    assert m.points.dtype == np.float64 and m.axes.shape == (2, m.mean.shape[0])
+    assert m.ids == [backend.syn.pack.ids[r] for r in m.rows]
+    raw = backend.syn.pack.read_rows(m.rows[:5])
+    np.testing.assert_allclose(project_vectors(backend.syn, m, raw), m.points[:5], rtol=1e-5, atol=1e-5)
+    assert backend.project(np.asarray(raw[0])) == pytest.approx(m.points[0].tolist(), rel=1e-5, abs=1e-5)
+    small = library_map(backend.syn, max_points=50)
+    assert len(small.ids) == 50 and np.all(np.diff(small.rows) > 0) and set(small.rows) <= set(m.rows)
+    np.testing.assert_array_equal(library_map(backend.syn, max_points=50).points, small.points)
+
+
 def test_without_base_or_library_the_features_say_how_to_enable_them(world, backend):
     bare = Backend(ServerConfig(model=str(world["model"])))
     c = TestClient(create_app(ServerConfig(model=str(world["model"]), warm_up=False), bare))

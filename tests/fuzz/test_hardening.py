@@ -100,11 +100,11 @@ def test_damaged_manifest_is_one_line_saying_what_to_do(lib):
 
 
 def test_clean_removes_temp_files_of_dead_processes_only(lib):
-    from lorasynth.library.store import _HOST
+    from lorasynth.library.blobs import HOST
 
     tmp = lib.root / "blobs" / "tmp"
-    dead = tmp / f".blob.{_HOST}.{2**22 + 12345}.abc.tmp"  # above the default pid_max: no such process
-    live = tmp / f".blob.{_HOST}.{os.getpid()}.def.tmp"
+    dead = tmp / f".blob.{HOST}.{2**22 + 12345}.abc.tmp"  # above the default pid_max: no such process
+    live = tmp / f".blob.{HOST}.{os.getpid()}.def.tmp"
     dead.write_bytes(b"x")
     live.write_bytes(b"y")
     assert lib.clean() == (0, 1)

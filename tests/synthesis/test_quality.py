@@ -206,9 +206,9 @@ def test_average_is_the_exact_expected_delta_w_of_the_model(world_model, tmp_pat
                                                           generator=torch.Generator().manual_seed(0)) @ torch.linalg.cholesky(
         cov + 1e-9 * torch.eye(cov.shape[0], dtype=torch.float64)).T
     vecs = torch.from_numpy(syn.decode(h.denormalize_latent(draws.float()))).double()
-    from lorasynth.core.layout import _module_factor_views
+    from lorasynth.core.delta import factor_views
 
-    for (b, a), name in zip(_module_factor_views(syn.layout, vecs), syn.layout.names):
+    for (b, a), name in zip(factor_views(syn.layout, vecs), syn.layout.names):
         mc = torch.einsum("nor,nri->oi", b, a) / len(vecs)
         got = avg.modules[name].delta(torch.float64)
         assert torch.nn.functional.cosine_similarity(mc.flatten(), got.flatten(), dim=0) > 0.999
@@ -220,7 +220,7 @@ def test_edit_direction_moves_held_out_loras_along_a_planted_attribute(world_mod
     from types import SimpleNamespace
 
     from lorasynth.synthesis.editing import attribute_direction
-    from lorasynth.training.model_parts import encode_rows
+    from lorasynth.models.latent import encode_rows
 
     _, root = world_model
     syn = Synthesizer(root / "model")

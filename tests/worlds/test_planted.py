@@ -9,12 +9,12 @@ import torch
 from lorasynth.core.lora import LoRA
 from lorasynth.worlds.planted import (
     SyntheticWorldConfig,
-    delta_cosine,
     hard_world_config,
     make_world,
     tiny_layout,
 )
 from lorasynth.library.splits import train_test_split
+from lorasynth.core.delta import delta_cosine
 
 
 
@@ -196,7 +196,7 @@ def test_delta_energy_score_uses_frobenius_distances_of_the_updates():
     """The energy score that chooses the hypernetwork's settings, in delta-W space, from dense updates."""
     import torch
 
-    from lorasynth.core.layout import _module_factor_views, delta_energy_scores
+    from lorasynth.core.delta import delta_energy_scores, factor_views
     from lorasynth.worlds.planted import tiny_layout
 
     lay = tiny_layout(rank=2)
@@ -205,7 +205,7 @@ def test_delta_energy_score_uses_frobenius_distances_of_the_updates():
 
     def dense(v):
         v = torch.as_tensor(v, dtype=torch.float64).reshape(-1, lay.size)
-        return torch.cat([torch.einsum("nor,nri->noi", b, a).flatten(1) for b, a in _module_factor_views(lay, v)], 1)
+        return torch.cat([torch.einsum("nor,nri->noi", b, a).flatten(1) for b, a in factor_views(lay, v)], 1)
 
     want = []
     for i in range(3):
@@ -217,7 +217,7 @@ def test_delta_energy_score_uses_frobenius_distances_of_the_updates():
     # a sampler that puts its samples on the truth scores better than one that scatters them
     assert delta_energy_scores(lay, np.repeat(truth[:, None], 5, 1), truth).mean() < delta_energy_scores(lay, samples, truth).mean()
     # the per-face cosine blocks that measure how alike one face's samples are: dense cosines
-    from lorasynth.core.layout import delta_cosine_blocks
+    from lorasynth.core.delta import delta_cosine_blocks
 
     blocks = delta_cosine_blocks(lay, samples)
     for i in range(3):
@@ -233,7 +233,7 @@ def test_look_alike_spread_recovers_the_oracle_spread_of_a_planted_world():
 
     from lorasynth.synthesis.evaluation import sample_scores
     from lorasynth.models.hypernet.regression import look_alike_spread, top_neighbours, unit_rows
-    from lorasynth.core.layout import delta_cosine_blocks
+    from lorasynth.core.delta import delta_cosine_blocks
 
     # a line with noise: the intercept at embedding cosine 1
     g = torch.Generator().manual_seed(0)

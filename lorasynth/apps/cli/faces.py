@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from lorasynth.apps.cli.helpfmt import examples
-from lorasynth.apps.cli.models import _restores_threads, _threads_flag, _use_threads
+from lorasynth.apps.cli.threads import restores_threads, threads_flag, use_threads
 
 EMBEDDER_NAMES = ("dlib", "arcface")  # lorasynth.faces.EMBEDDER_NAMES, spelled out so `--help` imports no numpy
 
@@ -23,11 +23,11 @@ def register(sub) -> None:
     p.add_argument("--face-index", type=int, default=None, help="which face, largest first (default 0: the largest)")
     p.add_argument("--json", action="store_true", help="print JSON with the full embedding")
     p.add_argument("--out", help="also save the embedding as a float32 .npy (a library sidecar)")
-    _threads_flag(p)
+    threads_flag(p)
     p.set_defaults(func=cmd_embed)
 
 
-@_restores_threads
+@restores_threads
 def cmd_embed(args) -> int:
     import numpy as np
 
@@ -36,7 +36,7 @@ def cmd_embed(args) -> int:
 
     if args.out:
         check_output_path(args.out)  # an unwritable --out fails before any work
-    _use_threads(args)
+    use_threads(args)
     embedder = get_embedder(args.embedder, args.model_root)
     faces = embedder.detect_and_embed(args.photo)
     index = 0 if args.face_index is None else args.face_index

@@ -1,14 +1,39 @@
-"""``train vae|hypernet``, ``synthesize``, ``sample``, ``edit``, ``interpolate``, ``eval``."""
+"""``train latent|hypernet`` (``train vae``: a deprecated name of ``train latent``), ``synthesize``,
+``export-model``, ``sample``, ``edit``, ``interpolate``, ``eval``.
+
+Each command's parser (``add_<command>(sub)``) sits right above its handler
+(``cmd_<command>(args)``); :func:`register` only calls the ``add_`` functions. Handlers import
+what they need, so ``lorasynth --help`` imports no torch.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 from lorasynth.errors import LorasynthError
 from lorasynth.apps.cli.helpfmt import examples
+from lorasynth.apps.cli.threads import restores_threads, threads_flag, use_threads
 
+LATENT_KINDS = ("pca", "vae")  # lorasynth.training.model_parts.train_latent; the first is the default
+
+
+def register(sub) -> None:
+    tsub = add_train(sub)
+    add_train_latent(tsub)
+    add_train_hypernet(tsub)
+    add_train_vae(tsub)
+    add_synthesize(sub)
+    add_export_model(sub)
+    add_sample(sub)
+    add_edit(sub)
+    add_interpolate(sub)
+    add_eval(sub)
+
+
+# ---------------------------------------------------------------------------- shared flags
 
 def _trainer_flags(p, steps: int, batch: int, lr: float) -> None:
     g = p.add_argument_group("training (Lightning)")
@@ -36,55 +61,6 @@ def _train_config(args):
     return cfg
 
 
-def _threads_flag(p) -> None:
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per operation: the models are small, so one thread is as fast on an idle "
-                        "machine and 10-40x faster on a busy one (two threads contend for cores)")
-
-
-def _use_threads(args) -> None:
-    """Set torch's threads to ``--threads`` (imports torch: call it after starting any prewarm);
-    :func:`_restores_threads` on the command puts the previous count back when it returns."""
-    if args.threads < 1:
-        raise LorasynthError(f"--threads must be >= 1, got {args.threads}")
-    import torch
-
-    args.threads_before = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    _skip_exit_gc()  # the commands that take --threads are the quick ones that load torch
-
-
-def _skip_exit_gc() -> None:
-    """Spare the process the garbage collection that Python runs over every object at exit: with
-    torch loaded that pass takes ~0.35 s (a fifth of `python -c "import torch"`), for memory the
-    OS reclaims anyway. ``gc.freeze()`` as the first exit handler moves all objects out of the
-    collector's reach; the other exit handlers and the normal shutdown still run. In-process
-    callers of ``main()`` are unaffected until their own exit."""
-    import atexit
-    import gc
-
-    atexit.unregister(gc.freeze)  # once, however often main() runs in this process
-    atexit.register(gc.freeze)
-
-
-def _restores_threads(cmd):
-    """A command that calls :func:`_use_threads` leaves torch's thread count as it found it
-    (matters when ``main()`` runs in-process, e.g. in tests or a notebook)."""
-    import functools
-
-    @functools.wraps(cmd)
-    def run(args) -> int:
-        try:
-            return cmd(args)
-        finally:
-            before = getattr(args, "threads_before", None)
-            if before is not None:
-                import torch
-
-                torch.set_num_threads(before)
-    return run
-
-
 def _synthesis_flags(p) -> None:
     p.add_argument("--model", required=True, help="model folder made by `lorasynth train`, or a Hugging Face hub id org/name")
     p.add_argument("--pack", default=None, help="override the pack path recorded in the model")
@@ -93,149 +69,55 @@ def _synthesis_flags(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same LoRA)")
 
 
-def register(sub) -> None:
-    train = sub.add_parser("train", help="train a synthesis model: vae (or pca), then hypernet",
-                           description="Train a synthesis model folder in two parts: `train vae` (the latent model, "
-                                       "LoRA-VAE or PCA, on a pack or library), then `train hypernet` (the "
-                                       "conditional diffusion from face embeddings to latents).",
-                           epilog=examples("lorasynth train vae --library lib --out model",
-                                           "lorasynth train hypernet --model model"))
-    tsub = train.add_subparsers(dest="train_command", metavar="PART")
-    train.set_defaults(func=lambda args: (train.print_help(), 2)[1])
+# ---------------------------------------------------------------------------- training
 
-    p = tsub.add_parser("vae", help="train the latent model (LoRA-VAE, or --kind pca) on a pack or library",
-                        description="Create a model folder and train its latent model (LoRA-VAE, or PCA with --kind "
-                                    "pca) on a pack or a library; a fraction of the identities is held out for "
-                                    "`lorasynth eval`. Checkpoints go to MODEL/train/vae (--resume continues).",
-                        epilog=examples("lorasynth train vae --library lib --out model",
-                                        "lorasynth train vae --pack pack --out model --kind pca --latent-dim 256",
-                                        "lorasynth train vae --library lib --out model --accelerator gpu --devices 4 "
-                                        "--strategy ddp --precision bf16-mixed"))
+def add_train(sub):
+    """The ``train`` group; returns its subparsers for the parts."""
+    train = sub.add_parser("train", help="train a synthesis model: latent (PCA, or a VAE), then hypernet",
+                           description="Train a synthesis model folder in two parts: `train latent` (the latent "
+                                       "model: PCA by default, or a LoRA-VAE with --kind vae; on a pack or library), "
+                                       "then `train hypernet` (the conditional diffusion from face embeddings to "
+                                       "latents). `train vae` is a deprecated name of `train latent`.",
+                           epilog=examples("lorasynth train latent --library lib --out model",
+                                           "lorasynth train hypernet --model model"))
+    train.set_defaults(func=lambda args: (train.print_help(), 2)[1])
+    return train.add_subparsers(dest="train_command", metavar="PART")
+
+
+def _latent_arguments(p) -> None:
+    """The options of ``train latent`` (and of its deprecated name ``train vae``)."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pack", help="a pack folder (lorasynth library pack)")
     src.add_argument("--library", help="a library folder (packed into MODEL/pack first)")
     p.add_argument("--out", required=True, metavar="MODEL", help="model folder to create (or --resume)")
-    p.add_argument("--kind", choices=["vae", "pca"], default="pca",
-                   help="latent model (pca: it reconstructs held-out LoRAs better than the VAE at equal size "
-                        "on every planted world measured; `--kind vae` reports both)")
+    p.add_argument("--kind", choices=LATENT_KINDS, default=LATENT_KINDS[0],
+                   help="latent model: pca, or vae (a LoRA-VAE, trained with the 'training' options; it also "
+                        "reports PCA's reconstruction at the same size). PCA reconstructs held-out LoRAs better than "
+                        "the VAE at equal size on every planted world measured")
     p.add_argument("--latent-dim", type=int, default=512, help="latent size")
     p.add_argument("--holdout", type=float, default=0.1, help="fraction of persons kept out for `lorasynth eval` (test)")
     p.add_argument("--validation", type=float, default=0.1,
                    help="fraction of persons kept for choosing settings (kernel, sampler); never trained on")
     _trainer_flags(p, steps=3000, batch=64, lr=1e-3)
-    p.set_defaults(func=cmd_train_vae)
-
-    p = tsub.add_parser("hypernet", help="train the diffusion hypernetwork on a model's latents",
-                        description="Encode the model's training LoRAs with its latent model, fit the closed-form "
-                                    "kernel-ridge mean (face embedding -> latent) and train the residual diffusion; "
-                                    "sampler settings are calibrated on the validation persons. Exported to "
-                                    "MODEL/hypernet, checkpoints in MODEL/train/hypernet.",
-                        epilog=examples("lorasynth train hypernet --model model",
-                                        "lorasynth train hypernet --model model --steps 4000 --resume"))
-    p.add_argument("--model", required=True, metavar="MODEL", help="model folder with a trained latent model")
-    p.add_argument("--width", type=int, default=None, help="denoiser width (default: the hypernetwork config's)")
-    p.add_argument("--depth", type=int, default=None, help="denoiser blocks (default: the hypernetwork config's)")
-    p.add_argument("--prediction", choices=["x0", "v", "eps"], default=None,
-                   help="what the denoiser predicts (default: the hypernetwork config's)")
-    _trainer_flags(p, steps=2000, batch=256, lr=2e-3)  # what scripts/bench_quality.py measures
-    p.set_defaults(func=cmd_train_hypernet)
-
-    p = sub.add_parser("synthesize", help="synthesize a LoRA from one face photo (no training)",
-                       description="Write a LoRA of the person in a face photo (or a face embedding) with a trained "
-                                   "model: no training at synthesis time. The file carries its provenance "
-                                   "(strategy, seed, model hash) in its metadata.",
-                       epilog=examples("lorasynth synthesize --face me.jpg --model model -o me.safetensors",
-                                       "lorasynth synthesize --face me.jpg --model org/w2w-dlib --seed 3 -o me.safetensors",
-                                       "lorasynth synthesize --embedding me.npy --model model --strategy blend "
-                                       "-o me_blend.safetensors"))
-    face = p.add_mutually_exclusive_group(required=True)
-    face.add_argument("--face", metavar="PHOTO", help="face photo")
-    face.add_argument("--embedding", help=".npy face embedding (float32, 1-D)")
-    _synthesis_flags(p)
-    p.add_argument("--strategy", choices=["diffusion", "blend", "nearest"], default="diffusion",
-                   help="diffusion: the hypernetwork; blend: top-k library LoRAs; nearest: the closest library LoRA")
-    p.add_argument("--samples", type=int, default=1, help="how many LoRAs (diffusion): OUT gets _0, _1... suffixes")
-    p.add_argument("--average", action="store_true",
-                   help="write ONE LoRA for fidelity: the model's expected delta W for the face (closed form, "
-                        "the limit of averaging many samples); with --samples N the exact mean of N samples. "
-                        "Without it: samples, for variety (pick the best-looking)")
-    p.add_argument("--average-rank", type=int, default=32,
-                   help="rank of the --average LoRA (optimal truncation; its error is in the metadata)")
-    p.add_argument("--k", type=int, default=8, help="blend: neighbours")
-    p.add_argument("--temperature", type=float, default=0.05, help="blend: softmax temperature")
-    p.add_argument("--face-index", type=int, default=None, help="which face (0 = largest)")
-    p.add_argument("--model-root", default=None, help="insightface model root (arcface models)")
-    p.add_argument("--to", choices=["kohya", "diffusers"], default="kohya", help="layout of OUT")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="LoRA file to write")
-    _threads_flag(p)
-    p.set_defaults(func=cmd_synthesize)
-
-    p = sub.add_parser("export-model", help="write a shareable copy of a model: a hub repository with a model card",
-                       description="Copy a model folder's weights and config (with the SHA-256 of every file) into a "
-                                   "new folder with a model card README.md, ready to upload to the Hugging Face hub; "
-                                   "training checkpoints stay behind.",
-                       epilog=examples("lorasynth export-model model share/w2w-dlib --license mit",
-                                       "huggingface-cli upload org/w2w-dlib share/w2w-dlib"))
-    p.add_argument("model", metavar="MODEL", help="model folder made by `lorasynth train`")
-    p.add_argument("out", metavar="OUT", help="new (or empty) folder to write")
-    p.add_argument("--include-pack", action="store_true",
-                   help="also copy the training pack (large; needed by the nearest/blend strategies)")
-    p.add_argument("--base-model", default=None, help="base model recorded in the card (default: the SD1.5 hub id)")
-    p.add_argument("--license", default="other", help="license recorded in the card")
-    p.set_defaults(func=cmd_export_model)
-
-    p = sub.add_parser("sample", help="sample new identities (unconditional)",
-                       description="Write LoRAs of new, made-up identities: the hypernetwork sampled without a face "
-                                   "condition.",
-                       epilog=examples("lorasynth sample --model model -n 4 -o new_people/"))
-    _synthesis_flags(p)
-    p.add_argument("-n", type=int, default=4, help="how many LoRAs")
-    p.add_argument("-o", "--out-dir", required=True, metavar="DIR", help="folder for sample_SEED_I.safetensors")
-    _threads_flag(p)
-    p.set_defaults(func=cmd_sample)
-
-    p = sub.add_parser("edit", help="move a LoRA along a latent attribute direction (w2w-style regression)",
-                       description="Encode a LoRA into the model's latent space, move it along the direction that "
-                                   "predicts a library attribute (least squares, as in weights2weights) and decode.",
-                       epilog=examples("lorasynth edit me.safetensors --model model --library lib --attribute Male "
-                                       "--strength -1 -o me_edit.safetensors"))
-    p.add_argument("lora", metavar="LORA_FILE", help="LoRA to edit (the model's layout)")
-    p.add_argument("--model", required=True, metavar="MODEL", help="model folder or hub id")
-    p.add_argument("--library", required=True, help="library whose entry attributes define the direction")
-    p.add_argument("--attribute", required=True, help="attribute name in the library entries (e.g. Male, Young)")
-    p.add_argument("--strength", type=float, default=1.0, help="in standard deviations of the attribute score")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="LoRA file to write")
-    p.set_defaults(func=cmd_edit)
-
-    p = sub.add_parser("interpolate", help="interpolate two LoRAs in the latent space",
-                       description="Encode two LoRAs into the model's latent space and decode the point (1-t)*A + t*B.",
-                       epilog=examples("lorasynth interpolate alice.safetensors bob.safetensors --model model --t 0.3 "
-                                       "-o mix.safetensors"))
-    p.add_argument("a", metavar="LORA_A", help="first LoRA (t = 0)")
-    p.add_argument("b", metavar="LORA_B", help="second LoRA (t = 1)")
-    p.add_argument("--model", required=True, metavar="MODEL", help="model folder or hub id")
-    p.add_argument("--t", type=float, default=0.5, help="position between A (0) and B (1)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="LoRA file to write")
-    p.set_defaults(func=cmd_interpolate)
-
-    p = sub.add_parser("eval", help="held-out evaluation: delta-W cosine per strategy, latent reconstruction",
-                       description="Synthesize a LoRA for every held-out identity of the model with each strategy and "
-                                   "compare it with the true one (delta-W cosine, relative error); also the latent "
-                                   "model's reconstruction. Writes eval.json and eval.png.",
-                       epilog=examples("lorasynth eval --model model",
-                                       "lorasynth eval --model model --base ./sd15 --faces photos/ --max-items 20"))
-    _synthesis_flags(p)
-    p.add_argument("--out", default=None, help="folder for eval.json and eval.png (default MODEL/eval)")
-    p.add_argument("--strategies", default="diffusion,blend,nearest", help="comma list of strategies to compare")
-    p.add_argument("--max-items", type=int, default=None, help="evaluate at most this many held-out identities")
-    p.add_argument("--base", default=None, help="with --faces: identity similarity on generated images")
-    p.add_argument("--faces", default=None, help="folder of face photos for the identity metric")
-    p.set_defaults(func=cmd_eval)
 
 
-# ---------------------------------------------------------------------------- training
+LATENT_DESCRIPTION = ("Create a model folder and fit its latent model on a pack or a library: PCA by default, or a "
+                      "LoRA-VAE with --kind vae (trained with Lightning; checkpoints go to MODEL/train/vae, --resume "
+                      "continues). A fraction of the identities is held out for `lorasynth eval`.")
 
-def cmd_train_vae(args) -> int:
+
+def add_train_latent(tsub) -> None:
+    p = tsub.add_parser("latent", help="train the latent model (PCA by default, or --kind vae) on a pack or library",
+                        description=LATENT_DESCRIPTION,
+                        epilog=examples("lorasynth train latent --library lib --out model",
+                                        "lorasynth train latent --pack pack --out model --latent-dim 256",
+                                        "lorasynth train latent --library lib --out model --kind vae --accelerator gpu "
+                                        "--devices 4 --strategy ddp --precision bf16-mixed"))
+    _latent_arguments(p)
+    p.set_defaults(func=cmd_train_latent)
+
+
+def cmd_train_latent(args) -> int:
     from lorasynth.training.model_parts import train_latent
     from lorasynth.library.pack import META_FILE as PACK_META, open_pack
     from lorasynth.models.model_folder import MODEL_FILE, SynthesisModel
@@ -277,6 +159,42 @@ def cmd_train_vae(args) -> int:
         if pca >= vae:
             print("PCA reconstructs better than this VAE: retrain with `--kind pca` (the default) for a better model")
     return 0
+
+
+def add_train_vae(tsub) -> None:
+    """``train vae``: the old name of ``train latent``, kept working (deprecated)."""
+    p = tsub.add_parser("vae", help="deprecated name of `train latent` (same options)",
+                        description="Deprecated: use `lorasynth train latent` (same options, same result). "
+                                    + LATENT_DESCRIPTION,
+                        epilog=examples("lorasynth train vae --library lib --out model   "
+                                        "# now: lorasynth train latent --library lib --out model"))
+    _latent_arguments(p)
+    p.set_defaults(func=cmd_train_vae)
+
+
+def cmd_train_vae(args) -> int:
+    from lorasynth.training.lightning import is_global_zero
+
+    if is_global_zero():  # under DDP every rank runs the command: say it once
+        print("lorasynth: `train vae` is deprecated: use `lorasynth train latent` (same options)", file=sys.stderr)
+    return cmd_train_latent(args)
+
+
+def add_train_hypernet(tsub) -> None:
+    p = tsub.add_parser("hypernet", help="train the diffusion hypernetwork on a model's latents",
+                        description="Encode the model's training LoRAs with its latent model, fit the closed-form "
+                                    "kernel-ridge mean (face embedding -> latent) and train the residual diffusion; "
+                                    "sampler settings are calibrated on the validation persons. Exported to "
+                                    "MODEL/hypernet, checkpoints in MODEL/train/hypernet.",
+                        epilog=examples("lorasynth train hypernet --model model",
+                                        "lorasynth train hypernet --model model --steps 4000 --resume"))
+    p.add_argument("--model", required=True, metavar="MODEL", help="model folder with a trained latent model")
+    p.add_argument("--width", type=int, default=None, help="denoiser width (default: the hypernetwork config's)")
+    p.add_argument("--depth", type=int, default=None, help="denoiser blocks (default: the hypernetwork config's)")
+    p.add_argument("--prediction", choices=["x0", "v", "eps"], default=None,
+                   help="what the denoiser predicts (default: the hypernetwork config's)")
+    _trainer_flags(p, steps=2000, batch=256, lr=2e-3)  # what scripts/bench_quality.py measures
+    p.set_defaults(func=cmd_train_hypernet)
 
 
 def cmd_train_hypernet(args) -> int:
@@ -331,7 +249,39 @@ def _prewarm_embedder(model: str, model_root: str | None) -> None:
         threading.Thread(target=work, name="lorasynth-prewarm", daemon=True).start()
 
 
-@_restores_threads
+def add_synthesize(sub) -> None:
+    p = sub.add_parser("synthesize", help="synthesize a LoRA from one face photo (no training)",
+                       description="Write a LoRA of the person in a face photo (or a face embedding) with a trained "
+                                   "model: no training at synthesis time. The file carries its provenance "
+                                   "(strategy, seed, model hash) in its metadata.",
+                       epilog=examples("lorasynth synthesize --face me.jpg --model model -o me.safetensors",
+                                       "lorasynth synthesize --face me.jpg --model org/w2w-dlib --seed 3 -o me.safetensors",
+                                       "lorasynth synthesize --embedding me.npy --model model --strategy blend "
+                                       "-o me_blend.safetensors"))
+    face = p.add_mutually_exclusive_group(required=True)
+    face.add_argument("--face", metavar="PHOTO", help="face photo")
+    face.add_argument("--embedding", help=".npy face embedding (float32, 1-D)")
+    _synthesis_flags(p)
+    p.add_argument("--strategy", choices=["diffusion", "blend", "nearest"], default="diffusion",
+                   help="diffusion: the hypernetwork; blend: top-k library LoRAs; nearest: the closest library LoRA")
+    p.add_argument("--samples", type=int, default=1, help="how many LoRAs (diffusion): OUT gets _0, _1... suffixes")
+    p.add_argument("--average", action="store_true",
+                   help="write ONE LoRA for fidelity: the model's expected delta W for the face (closed form, "
+                        "the limit of averaging many samples); with --samples N the exact mean of N samples. "
+                        "Without it: samples, for variety (pick the best-looking)")
+    p.add_argument("--average-rank", type=int, default=32,
+                   help="rank of the --average LoRA (optimal truncation; its error is in the metadata)")
+    p.add_argument("--k", type=int, default=8, help="blend: neighbours")
+    p.add_argument("--temperature", type=float, default=0.05, help="blend: softmax temperature")
+    p.add_argument("--face-index", type=int, default=None, help="which face (0 = largest)")
+    p.add_argument("--model-root", default=None, help="insightface model root (arcface models)")
+    p.add_argument("--to", choices=["kohya", "diffusers"], default="kohya", help="layout of OUT")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="LoRA file to write")
+    threads_flag(p)
+    p.set_defaults(func=cmd_synthesize)
+
+
+@restores_threads
 def cmd_synthesize(args) -> int:
     if args.face:  # first: the formats and settings checks below import torch, which the prewarm overlaps
         _prewarm_embedder(args.model, args.model_root)
@@ -339,7 +289,7 @@ def cmd_synthesize(args) -> int:
 
     check_output_path(args.output)  # an unwritable -o or a bad embedding fails before any work
     _settings(args, args.strategy).validate()
-    _use_threads(args)
+    use_threads(args)
 
     from lorasynth.synthesis.synthesizer import Synthesizer, write_synthesized
 
@@ -364,6 +314,22 @@ def cmd_synthesize(args) -> int:
     return 0
 
 
+def add_export_model(sub) -> None:
+    p = sub.add_parser("export-model", help="write a shareable copy of a model: a hub repository with a model card",
+                       description="Copy a model folder's weights and config (with the SHA-256 of every file) into a "
+                                   "new folder with a model card README.md, ready to upload to the Hugging Face hub; "
+                                   "training checkpoints stay behind.",
+                       epilog=examples("lorasynth export-model model share/w2w-dlib --license mit",
+                                       "huggingface-cli upload org/w2w-dlib share/w2w-dlib"))
+    p.add_argument("model", metavar="MODEL", help="model folder made by `lorasynth train`")
+    p.add_argument("out", metavar="OUT", help="new (or empty) folder to write")
+    p.add_argument("--include-pack", action="store_true",
+                   help="also copy the training pack (large; needed by the nearest/blend strategies)")
+    p.add_argument("--base-model", default=None, help="base model recorded in the card (default: the SD1.5 hub id)")
+    p.add_argument("--license", default="other", help="license recorded in the card")
+    p.set_defaults(func=cmd_export_model)
+
+
 def cmd_export_model(args) -> int:
     from lorasynth.models.model_folder import SynthesisModel
 
@@ -373,11 +339,23 @@ def cmd_export_model(args) -> int:
     return 0
 
 
-@_restores_threads
+def add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="sample new identities (unconditional)",
+                       description="Write LoRAs of new, made-up identities: the hypernetwork sampled without a face "
+                                   "condition.",
+                       epilog=examples("lorasynth sample --model model -n 4 -o new_people/"))
+    _synthesis_flags(p)
+    p.add_argument("-n", type=int, default=4, help="how many LoRAs")
+    p.add_argument("-o", "--out-dir", required=True, metavar="DIR", help="folder for sample_SEED_I.safetensors")
+    threads_flag(p)
+    p.set_defaults(func=cmd_sample)
+
+
+@restores_threads
 def cmd_sample(args) -> int:
     from lorasynth.synthesis.synthesizer import Synthesizer, SynthesisSettings, write_synthesized
 
-    _use_threads(args)
+    use_threads(args)
 
     syn = Synthesizer.from_pretrained(args.model, pack=args.pack)
     s = SynthesisSettings(strategy="sample", guidance=args.guidance, steps=args.steps, seed=args.seed, samples=args.n)
@@ -407,6 +385,19 @@ def _write_latent(syn, z, path: str, meta: dict) -> None:
     print(f"wrote {save_lora(lora, path)}")
 
 
+def add_interpolate(sub) -> None:
+    p = sub.add_parser("interpolate", help="interpolate two LoRAs in the latent space",
+                       description="Encode two LoRAs into the model's latent space and decode the point (1-t)*A + t*B.",
+                       epilog=examples("lorasynth interpolate alice.safetensors bob.safetensors --model model --t 0.3 "
+                                       "-o mix.safetensors"))
+    p.add_argument("a", metavar="LORA_A", help="first LoRA (t = 0)")
+    p.add_argument("b", metavar="LORA_B", help="second LoRA (t = 1)")
+    p.add_argument("--model", required=True, metavar="MODEL", help="model folder or hub id")
+    p.add_argument("--t", type=float, default=0.5, help="position between A (0) and B (1)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="LoRA file to write")
+    p.set_defaults(func=cmd_interpolate)
+
+
 def cmd_interpolate(args) -> int:
     from lorasynth.synthesis.synthesizer import Synthesizer
 
@@ -415,6 +406,21 @@ def cmd_interpolate(args) -> int:
     _write_latent(syn, (1 - args.t) * za + args.t * zb, args.output,
                   {"lorasynth.interpolate": json.dumps([Path(args.a).name, Path(args.b).name, args.t])})
     return 0
+
+
+def add_edit(sub) -> None:
+    p = sub.add_parser("edit", help="move a LoRA along a latent attribute direction (w2w-style regression)",
+                       description="Encode a LoRA into the model's latent space, move it along the direction that "
+                                   "predicts a library attribute (least squares, as in weights2weights) and decode.",
+                       epilog=examples("lorasynth edit me.safetensors --model model --library lib --attribute Male "
+                                       "--strength -1 -o me_edit.safetensors"))
+    p.add_argument("lora", metavar="LORA_FILE", help="LoRA to edit (the model's layout)")
+    p.add_argument("--model", required=True, metavar="MODEL", help="model folder or hub id")
+    p.add_argument("--library", required=True, help="library whose entry attributes define the direction")
+    p.add_argument("--attribute", required=True, help="attribute name in the library entries (e.g. Male, Young)")
+    p.add_argument("--strength", type=float, default=1.0, help="in standard deviations of the attribute score")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="LoRA file to write")
+    p.set_defaults(func=cmd_edit)
 
 
 def cmd_edit(args) -> int:
@@ -430,6 +436,22 @@ def cmd_edit(args) -> int:
     z2 = z + args.strength * score_std * torch.from_numpy(direction).float()[None]
     _write_latent(syn, z2, args.output, {"lorasynth.edit": json.dumps([args.attribute, args.strength])})
     return 0
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="held-out evaluation: delta-W cosine per strategy, latent reconstruction",
+                       description="Synthesize a LoRA for every held-out identity of the model with each strategy and "
+                                   "compare it with the true one (delta-W cosine, relative error); also the latent "
+                                   "model's reconstruction. Writes eval.json and eval.png.",
+                       epilog=examples("lorasynth eval --model model",
+                                       "lorasynth eval --model model --base ./sd15 --faces photos/ --max-items 20"))
+    _synthesis_flags(p)
+    p.add_argument("--out", default=None, help="folder for eval.json and eval.png (default MODEL/eval)")
+    p.add_argument("--strategies", default="diffusion,blend,nearest", help="comma list of strategies to compare")
+    p.add_argument("--max-items", type=int, default=None, help="evaluate at most this many held-out identities")
+    p.add_argument("--base", default=None, help="with --faces: identity similarity on generated images")
+    p.add_argument("--faces", default=None, help="folder of face photos for the identity metric")
+    p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:

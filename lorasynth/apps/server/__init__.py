@@ -3,18 +3,22 @@
     from lorasynth.apps.server import ServerConfig, create_app
     app = create_app(ServerConfig(model="model", base="base", library="lib"))
 
-``backend.py`` is the only module that calls into lorasynth; ``app.py`` holds the routes;
-``jobs.py`` the single generation worker; ``static/`` the page (plain HTML/JS/CSS, no build
-step, nothing fetched from the network).
+``backend.py`` is the only module that calls into lorasynth; ``app.py`` wires the app
+(config, middleware, error handlers, routers); ``routes/`` holds one router per resource
+(info, faces, loras, blend, previews, library); ``context.py`` the state and helpers they
+share; ``api_errors.py`` the ``{"error": ...}`` contract; ``middleware.py`` the body-size
+and loopback-Host guards; ``jobs.py`` the single generation worker; ``results.py`` the
+in-memory LoRA store; ``static/`` the page (plain HTML/JS/CSS, no build step, nothing
+fetched from the network).
 """
 
 from lorasynth.apps.server.config import ServerConfig
 
 
 def create_app(cfg: ServerConfig, backend=None):
-    from lorasynth.apps.server.app import create_app as _create
+    from lorasynth.apps.server.app import create_app as create
 
-    return _create(cfg, backend)
+    return create(cfg, backend)
 
 
 __all__ = ["ServerConfig", "create_app"]

@@ -1,6 +1,6 @@
 """The web app's only door into lorasynth: every call the server makes goes through here.
 
-The routes (``app.py``) speak HTTP and JSON; this adapter speaks lorasynth (Synthesizer,
+The routes (``routes/``) speak HTTP and JSON; this adapter speaks lorasynth (Synthesizer,
 faces, blend, formats, library, apply + pipeline). Switching the server to another API
 (e.g. the public ``lorasynth`` facade) means editing this one file.
 
@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
-from lorasynth.errors import ImageError, LibraryError, LorasynthError, ModelError
 from lorasynth.apps.server.config import ServerConfig
+from lorasynth.errors import ImageError, LibraryError, LorasynthError, ModelError
+from lorasynth.synthesis.latent_map import LatentMap, library_map, project_vectors
 
 #: The prompt the preview starts from (the DreamBooth-style trigger the library LoRAs use).
 TRIGGER_PROMPT = "a photo of sks person"
@@ -50,7 +50,7 @@ class Backend:
         self._face_lock = threading.Lock()
         self._lib_lock = threading.Lock()
         self._map_lock = threading.Lock()
-        self._map: dict | None = None
+        self._map: LatentMap | None = None
         self.library = None
         if cfg.library:
             from lorasynth.library import Library
@@ -126,7 +126,7 @@ class Backend:
         """Upload bytes -> upright H x W x 3 uint8 RGB, with the pixel limit checked before decoding."""
         from PIL import Image, ImageOps
 
-        from lorasynth.faces.images import _check_size, pil_to_rgb
+        from lorasynth.faces.images import check_size, pil_to_rgb
 
         if not data:
             raise ImageError("the upload is empty")
@@ -134,7 +134,7 @@ class Backend:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(io.BytesIO(data)) as im:
-                    _check_size(Path("the upload"), im.size, max_pixels or self.cfg.max_pixels)
+                    check_size(Path("the upload"), im.size, max_pixels or self.cfg.max_pixels)
                     im.seek(0)
                     im.load()
                     im = ImageOps.exif_transpose(im) or im
@@ -257,27 +257,16 @@ class Backend:
         return [{"id": self.syn.pack.ids[r], "name": self.syn.pack.ids[r], "cosine": round(float(s), 4)}
                 for r, s in zip(rows[0], sims[0])]
 
-    def latent_map(self) -> dict:
+    def latent_map(self) -> LatentMap:
         """2-D PCA of the model's library latents (training rows, at most ``cfg.map_points``), cached."""
         with self._map_lock:
             if self._map is None:
-                from lorasynth.training.model_parts import encode_rows
-
-                rows = self.syn.train_rows
-                if len(rows) > self.cfg.map_points:
-                    rows = np.sort(np.random.default_rng(0).choice(rows, self.cfg.map_points, replace=False))
-                z = encode_rows(self.syn.latent, self.syn.pack, rows).numpy().astype(np.float64)
-                mu = z.mean(axis=0)
-                _, _, vt = np.linalg.svd(z - mu, full_matrices=False)
-                p = (z - mu) @ vt[:2].T
-                self._map = {"mu": mu, "vt": vt[:2], "points": p, "ids": [self.syn.pack.ids[r] for r in rows]}
+                self._map = library_map(self.syn, self.cfg.map_points)
             return self._map
 
     def project(self, vector: np.ndarray) -> list[float]:
-        m = self.latent_map()
-        with torch.no_grad():
-            z = self.syn.latent.encode(self.syn.latent.standardize(vector[None])).double().numpy()
-        return [float(x) for x in ((z - m["mu"]) @ m["vt"].T)[0]]
+        """A flat canonical LoRA vector's ``[x, y]`` on :meth:`latent_map`."""
+        return [float(x) for x in project_vectors(self.syn, self.latent_map(), vector[None])[0]]
 
     # ---------------------------------------------------------------- generation
     def generation_settings(self, **fields):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass
 class ServerConfig:
-    model: str  # lorasynth model folder (``lorasynth train vae`` / ``train hypernet``)
+    model: str  # lorasynth model folder (``lorasynth train latent`` / ``train hypernet``)
     base: str | None = None  # SD1.5 base model: enables previews
     library: str | None = None  # LoRA library: enables listing, library entries in blends
     host: str = "127.0.0.1"

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from lorasynth.errors import ModelError
+from lorasynth.core.safe_io import read_json
 
 #: Our short names for the three training targets -> diffusers' ``prediction_type`` names.
 PREDICTION_TYPES = {"v": "v_prediction", "x0": "sample", "eps": "epsilon"}
@@ -259,10 +260,6 @@ class Denoiser(nn.Module):
         return self.out_proj(self.out_norm(h) * (1 + scale) + shift)
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 class Hypernet(nn.Module):
     """The exported hypernetwork: denoiser + statistics + closed-form mean + DDIM sampler."""
 
@@ -461,7 +458,7 @@ class Hypernet(nn.Module):
     @torch.no_grad()
     def sample(self, cond: Tensor | None = None, *, num_steps: int | None = None, guidance: float | None = None,
                eta: float | None = None, seed: int | None = 0, generator: torch.Generator | None = None,
-               scheduler: str | None = None, n_samples: int = 1, mean_of_samples: int = 1,
+               scheduler: str | None = None, n_samples: int = 1,
                center: bool = False) -> Tensor:
         """Sample LoRA latents (raw, de-standardized), float32 of shape (B * n_samples, latent_dim).
 
@@ -471,8 +468,6 @@ class Hypernet(nn.Module):
         Rows ``i*n_samples ... (i+1)*n_samples-1`` belong to condition ``i``.
         ``guidance``: classifier-free guidance of the residual model (1 = plain conditional).
         ``eta``: DDIM noise (0 = deterministic ODE sampler, 1 = DDPM-like).
-        ``mean_of_samples``: average this many latents per output row (prefer averaging the
-        decoded LoRAs' delta W, see :func:`lorasynth.synthesis.synthesizer.Synthesizer.synthesize`).
         ``center``: shift the residuals of each condition's samples to mean zero, so their latent
         average is exactly the closed-form conditional mean (for the average-of-N mode: the average
         delta W then departs from the mean's only by the second-order effect of the spread, without
@@ -486,8 +481,8 @@ class Hypernet(nn.Module):
         scheduler = str(d.get("scheduler", DEFAULT_SCHEDULER) if scheduler is None else scheduler)
         if scheduler not in SCHEDULERS:
             raise ModelError(f"unknown sampler {scheduler!r}; choose one of {SCHEDULERS}")
-        if num_steps < 1 or n_samples < 1 or mean_of_samples < 1:
-            raise ModelError("num_steps, n_samples and mean_of_samples must all be >= 1")
+        if num_steps < 1 or n_samples < 1:
+            raise ModelError("num_steps and n_samples must both be >= 1")
         was_training = self.training
         self.eval()
         try:
@@ -498,7 +493,7 @@ class Hypernet(nn.Module):
                     generator.seed()
                 else:
                     generator.manual_seed(int(seed))
-            reps = n_samples * mean_of_samples
+            reps = n_samples
             if cond is not None:
                 cond = torch.as_tensor(cond, dtype=torch.float32, device=device)
                 if cond.ndim == 1:
@@ -524,9 +519,7 @@ class Hypernet(nn.Module):
             if center and reps > 1:
                 x = x.view(n_cond, reps, -1)
                 x = (x - x.mean(dim=1, keepdim=True)).reshape(rows, -1)
-            z = self.from_x0(x * self.spread_scale, mean_cond)
-            z = z.view(n_cond * n_samples, mean_of_samples, -1).mean(dim=1)
-            return z.float()
+            return self.from_x0(x * self.spread_scale, mean_cond).float()
         finally:
             self.train(was_training)
 
@@ -555,10 +548,7 @@ class Hypernet(nn.Module):
         cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
         if not cfg_path.is_file() or not w_path.is_file():
             raise ModelError(f"no hypernetwork in {d}: need {CONFIG_FILE} and {WEIGHTS_FILE}")
-        try:
-            meta = json.loads(cfg_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"unreadable {cfg_path}: {exc}") from exc
+        meta = read_json(cfg_path, "hypernetwork config", error=ModelError)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
             raise ModelError(f"{cfg_path} is not a lorasynth hypernetwork config")
         version = int(meta.get("version", 0))

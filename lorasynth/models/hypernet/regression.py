@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lorasynth.core.delta import energy_scores
+
 #: Kernel widths, as multiples of 1 / (median squared distance between training conditions).
 GAMMA_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 #: Ridge strengths, relative to the mean diagonal of the landmark Gram matrix.
@@ -49,7 +51,7 @@ def make_folds(n: int, folds: int, groups: Tensor | None = None, seed: int = 0) 
     return (torch.randperm(len(uniq), generator=g) % folds)[inv]
 
 
-def _mse(pred: Tensor, z: Tensor, weight: Tensor | None) -> float:
+def weighted_mse(pred: Tensor, z: Tensor, weight: Tensor | None) -> float:
     err = (pred.double() - z.double()).pow(2)
     return float((err * weight.double()).sum(1).mean() / weight.double().sum() if weight is not None else err.mean())
 
@@ -87,7 +89,7 @@ def fit_kernel_mean(cond: Tensor, z: Tensor, val_cond: Tensor | None = None, val
         for ridge in RIDGE_GRID:
             if has_val:
                 coef = torch.linalg.solve(gram + ridge * n * km, rhs)
-                err = _mse(kv @ coef, val_z, weight)
+                err = weighted_mse(kv @ coef, val_z, weight)
             else:
                 err = 0.0
                 for f in range(folds):
@@ -95,7 +97,7 @@ def fit_kernel_mean(cond: Tensor, z: Tensor, val_cond: Tensor | None = None, val
                     kf = kn[mask]
                     coef = torch.linalg.solve(gram - kf.T @ kf + ridge * int((~mask).sum()) * km,
                                               rhs - kf.T @ z[mask].double())
-                    err += _mse(kf @ coef, z[mask], weight) * int(mask.sum())
+                    err += weighted_mse(kf @ coef, z[mask], weight) * int(mask.sum())
                 err /= n
             scores[f"{gm:g}/{ridge:g}"] = err
             if err < best_err:
@@ -114,7 +116,7 @@ def fit_kernel_mean(cond: Tensor, z: Tensor, val_cond: Tensor | None = None, val
     report = {"gamma_over_median": gm, "ridge": ridge, "landmarks": m,
               "chosen_on": "validation" if val_cond is not None and len(val_cond) else f"{folds}-fold CV",
               "best_mse": best_err,
-              "zero_mse": _mse(torch.zeros(1), val_z if val_z is not None and len(val_z) else z, weight)}
+              "zero_mse": weighted_mse(torch.zeros(1), val_z if val_z is not None and len(val_z) else z, weight)}
     return model, resid, report
 
 
@@ -122,28 +124,26 @@ def unit_rows(x: Tensor) -> Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def cosine_top_k(cond_raw: Tensor, db_unit: Tensor, k: int, exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(cosines (B, k), indices (B, k))`` of the ``k`` most cosine-similar rows of ``db_unit`` (unit-norm
+    raw conditions) to each row of ``cond_raw``, most similar first; ``exclude`` (B, n) masks rows out."""
+    sims = unit_rows(cond_raw.float()) @ db_unit.float().to(cond_raw.device).T
+    if exclude is not None:
+        sims = sims.masked_fill(exclude, -float("inf"))
+    return sims.topk(min(k, sims.shape[1]), dim=1)
+
+
+def softmax_weights(sims: Tensor, tau: float) -> Tensor:
+    """Blend weights ``softmax(cos / tau)`` over the last dimension."""
+    return torch.softmax(sims / tau, dim=-1)
+
+
 def neighbour_weights(cond_raw: Tensor, db_unit: Tensor, k: int, tau: float,
                       exclude: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(weights (B, k), indices (B, k))``: softmax(cos / tau) over the ``k`` most cosine-similar rows
     of ``db_unit`` (unit-norm raw conditions); ``exclude`` (B, n) masks rows out."""
-    sims = unit_rows(cond_raw.float()) @ db_unit.to(cond_raw.device).T
-    if exclude is not None:
-        sims = sims.masked_fill(exclude, -float("inf"))
-    top, idx = sims.topk(min(k, sims.shape[1]), dim=1)
-    return torch.softmax(top / tau, dim=1), idx
-
-
-@torch.no_grad()
-def energy_scores(samples: Tensor, truth: Tensor) -> Tensor:
-    """Energy score of each row: ``samples`` (B, S, K) for ``truth`` (B, K) -> (B,); lower is better.
-
-    ``E|X - y| - 0.5 E|X - X'|``: strictly proper, so it is minimised by the true conditional
-    distribution; a sampler that collapses to a point or sprays too widely loses.
-    """
-    b, s, _ = samples.shape
-    fit = (samples - truth[:, None]).norm(dim=-1).mean(dim=1)
-    pair = torch.cdist(samples, samples).sum(dim=(1, 2)) / max(s * (s - 1), 1)
-    return fit - 0.5 * pair
+    top, idx = cosine_top_k(cond_raw, db_unit, k, exclude)
+    return softmax_weights(top, tau), idx
 
 
 #: Neighbour counts and softmax temperatures (on cosine similarity) tried for the neighbour mean.
@@ -178,7 +178,7 @@ def fit_neighbour_mean(cond_raw: Tensor, z: Tensor, val_cond_raw: Tensor, val_z:
     for k in NEIGHBOUR_K:
         for tau in NEIGHBOUR_TAU:
             base.k, base.tau = k, tau
-            err = _mse(base(val_cond_raw), val_z, weight)
+            err = weighted_mse(base(val_cond_raw), val_z, weight)
             scores[f"k={k},tau={tau:g}"] = err
             if err < best_err:
                 best, best_err = (k, tau), err
@@ -327,5 +327,5 @@ def look_alike_spread(emb_sims: Tensor, delta_cos: Tensor) -> tuple[float, dict]
                "nearest_delta_cosine_mean": float(delta_cos[:, 0].mean())}
 
 
-__all__ = ["look_alike_spread", "KernelMean", "LocalCovariance", "neighbour_weights", "energy_scores", "top_neighbours", "choose_pair_neighbours", "PAIR_K", "fit_local_covariance", "gaussian_nll", "NeighbourMean", "fit_kernel_mean", "fit_neighbour_mean", "cross_fit_neighbours", "make_folds",
+__all__ = ["look_alike_spread", "KernelMean", "LocalCovariance", "neighbour_weights", "cosine_top_k", "softmax_weights", "weighted_mse", "top_neighbours", "choose_pair_neighbours", "PAIR_K", "fit_local_covariance", "gaussian_nll", "NeighbourMean", "fit_kernel_mean", "fit_neighbour_mean", "cross_fit_neighbours", "make_folds",
            "unit_rows", "GAMMA_GRID", "RIDGE_GRID", "NEIGHBOUR_K", "NEIGHBOUR_TAU", "MIX_GRID"]

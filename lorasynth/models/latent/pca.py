@@ -20,20 +20,18 @@ signature, explained variance); loading never unpickles.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
+from lorasynth.core.lora import fix_signs
+from lorasynth.core.safe_io import write_json, write_safetensors
 from lorasynth.errors import ModelError
 from lorasynth.models.latent.export import read_export
 from lorasynth.library.pack import Pack, std_floor
+from lorasynth.models.latent.base import row_stats
 
 PCA_VERSION = 1
 WEIGHTS_FILE = "pca.safetensors"
@@ -115,9 +113,9 @@ class PCA:
             "layout_signature": self.layout_signature, "n_fit": self.n_fit, "total_variance": self.total_variance,
             "explained_variance_ratio": self.explained_variance_ratio,
         }
-        _atomic_save(out / WEIGHTS_FILE, lambda p: save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(p),
-                                                             metadata={"format": "lorasynth-pca"}))
-        _atomic_save(out / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2), encoding="utf-8"))
+        write_safetensors({k: v.contiguous().float() for k, v in tensors.items()}, out / WEIGHTS_FILE,
+                          {"format": "lorasynth-pca"})
+        write_json(out / META_FILE, meta)
         return out
 
     @classmethod
@@ -134,17 +132,6 @@ class PCA:
                    n_fit=int(meta.get("n_fit", 0)), total_variance=float(meta.get("total_variance", 0.0)))
 
 
-def _atomic_save(path: Path, write: Callable[[Path], object]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # --------------------------------------------------------------------------- fitting
 
 
@@ -159,8 +146,6 @@ class _Source:
             elif idx is None or len(np.unique(np.asarray(idx))) == data.n:
                 self.mean, self.scale = data.mean, data.scale
             else:  # statistics of the fitting rows only: held-out rows never shape the model
-                from lorasynth.models.latent import row_stats
-
                 self.mean, self.scale = row_stats(data, idx)
             self.layout_signature = data.layout.signature
             n = data.n
@@ -240,7 +225,7 @@ def _exact(src: _Source):
     x -= center
     total = float((x * x).sum() / len(x))
     _, s, vh = torch.linalg.svd(x, full_matrices=False)
-    comps = _fix_signs(vh.T)
+    comps = _component_signs(vh.T)
     return comps, s, center, total
 
 
@@ -281,15 +266,13 @@ def _randomized(src: _Source, k: int, n_iter: int, oversample: int, seed: int, b
     bt = xt_times(q)  # B^T = X_c^T Q, (d, width); X_c ~ Q B
     qb, rb = torch.linalg.qr(bt.double())
     _, s, vrh = torch.linalg.svd(rb.T)  # B = rb^T qb^T = (U S Vr^T) qb^T
-    comps = _fix_signs((qb @ vrh.T).float())
+    comps = _component_signs((qb @ vrh.T).float())
     return comps, s.float(), center, total
 
 
-def _fix_signs(v: torch.Tensor) -> torch.Tensor:
-    """Deterministic component signs: the project's one sign rule (:func:`lorasynth.core.lora._fix_signs`)."""
-    from lorasynth.core.lora import _fix_signs as fix
-
-    return fix(v, v.new_zeros(v.shape[-1], 0))[0]
+def _component_signs(v: torch.Tensor) -> torch.Tensor:
+    """Deterministic component signs: the project's one sign rule (:func:`lorasynth.core.lora.fix_signs`)."""
+    return fix_signs(v, v.new_zeros(v.shape[-1], 0))[0]
 
 
 __all__ = ["PCA", "fit_pca"]

@@ -7,19 +7,17 @@ See :mod:`lorasynth.training.latent` for the architecture and training (the Ligh
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lorasynth.errors import ModelError
 from lorasynth.models.latent.export import read_export
-from lorasynth.models.latent.pca import _atomic_save
+from lorasynth.core.safe_io import write_json, write_safetensors
 
 VAE_VERSION = 1
 WEIGHTS_FILE = "vae.safetensors"
@@ -76,7 +74,7 @@ class ChunkLinear(nn.Module):
         return torch.einsum("btp,tpq->btq", x, self.weight) + self.bias
 
 
-def _transformer(cfg: VAEConfig, layers: int) -> nn.Module:
+def transformer_stack(cfg: VAEConfig, layers: int) -> nn.Module:
     if layers == 0:
         return nn.Identity()
     layer = nn.TransformerEncoderLayer(
@@ -125,7 +123,7 @@ class VAENet(nn.Module):
         self.enc_chunk = ChunkLinear(t, p, r, init_weights)
         self.enc_in = nn.Linear(r, d)
         self.enc_pos = nn.Parameter(torch.randn(t, d) * 0.02)
-        self.encoder = _transformer(config, config.enc_layers)
+        self.encoder = transformer_stack(config, config.enc_layers)
         self.enc_norm = nn.LayerNorm(d)
         self.enc_squeeze = nn.Linear(d, config.token_dim)
         self.to_stats = nn.Linear(t * config.token_dim, 2 * m)
@@ -133,7 +131,7 @@ class VAENet(nn.Module):
         self.from_latent = nn.Linear(m, t * config.token_dim)
         self.dec_expand = nn.Linear(config.token_dim, d)
         self.dec_pos = nn.Parameter(torch.randn(t, d) * 0.02)
-        self.decoder = _transformer(config, config.dec_layers)
+        self.decoder = transformer_stack(config, config.dec_layers)
         self.dec_norm = nn.LayerNorm(d)
         self.dec_out = nn.Linear(d, r)
         self.dec_chunk = ChunkLinear(t, r, p, init_weights)
@@ -213,8 +211,8 @@ class VAENet(nn.Module):
             "latent_dim": self.latent_dim, "layout_signature": self._layout_signature, "lr": self.lr,
             "num_parameters": self.num_parameters(),
         }
-        _atomic_save(out / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": "lorasynth-vae"}))
-        _atomic_save(out / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2), encoding="utf-8"))
+        write_safetensors(state, out / WEIGHTS_FILE, {"format": "lorasynth-vae"})
+        write_json(out / META_FILE, meta)
         return out
 
     @classmethod
