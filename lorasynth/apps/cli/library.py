@@ -71,9 +71,11 @@ def parse_attr(item: str) -> tuple[str, object]:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise LorasynthError(f"expected K=V for --attr, got {item!r}")
+    from lorasynth.core.safe_io import parse_json
+
     try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
+        parsed = parse_json(value, "--attr", expect=None)
+    except LorasynthError:
         parsed = value
     return key.strip(), parsed
 

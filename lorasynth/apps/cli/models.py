@@ -237,7 +237,9 @@ def _prewarm_embedder(model: str, model_root: str | None) -> None:
 
     def work() -> None:
         try:
-            info = json.loads((Path(model) / "lorasynth_model.json").read_text(encoding="utf-8"))
+            from lorasynth.core.safe_io import read_json
+
+            info = read_json(Path(model) / "lorasynth_model.json")
             if info.get("embedder") in ("dlib", "arcface"):
                 from lorasynth.faces import get_embedder
 
