@@ -33,6 +33,13 @@ class LibraryError(LorasynthError):
     """A LoRA library operation failed (missing entry, duplicate, corrupt blob...)."""
 
 
+class InputError(LorasynthError, ValueError):
+    """A number or option given by the caller is not a number, not finite, or out of range.
+
+    Also a ValueError, so code that guards conversions with ``except ValueError`` still works.
+    """
+
+
 class OutputError(LorasynthError, OSError):
     """An output path cannot be written (a directory, below a regular file, read-only, disk full).
 

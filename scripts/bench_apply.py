@@ -39,7 +39,7 @@ def build_pipeline(tmp: Path):
     from lorasynth.runtime.pipeline import load_pipeline
     from lorasynth.worlds.tiny_sd import build_sd_pipeline
 
-    tiny = load_pipeline(str(build_sd_pipeline(tmp / "tiny", "tiny")), channels_last=False)
+    tiny = load_pipeline(str(build_sd_pipeline(tmp / "tiny", "tiny")), dtype="fp32", channels_last=False)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768).eval().requires_grad_(False)
     return StableDiffusionPipeline(
@@ -172,7 +172,7 @@ def main() -> None:
         result = {
             "benchmark": "apply",
             "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-                        "platform": platform.platform()},
+                        "platform": platform.platform(), "load_average_start": os.getloadavg()},
             "unet": "SD1.5 config, random weights, %d params" % sum(p.numel() for p in pipe.unet.parameters()),
             "unet_build_s": build_s,
             "repeats": args.repeats,
@@ -183,6 +183,7 @@ def main() -> None:
                 "lora": {kind: bench_kind(pipe, path, args.repeats) for kind, path in files.items()},
                 "blend": bench_blend(files["attention_rank8"], max(1, args.repeats // 2)),
             }
+    result["machine"]["load_average_end"] = os.getloadavg()
     print(json.dumps(result, indent=2))
 
 

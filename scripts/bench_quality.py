@@ -13,6 +13,12 @@ targets hold.
 
     python scripts/bench_quality.py                              # the tiny worlds, 2,000 persons
     python scripts/bench_quality.py --worlds w2w-vis60 --persons 1000
+    python scripts/bench_quality.py --panel validation --max-persons 1000   # the world panel (both: --panel both)
+
+``--panel``: the randomized worlds of ``lorasynth/worlds/panels.json`` (a validation panel to tune on,
+a held-out panel only reported; :mod:`lorasynth.worlds.panel`), each scored against its best
+reference (the exact oracle, or the closed-form kernel ridge in delta-W space and its square), with
+the model's default strategy and the calibration's achieved spread.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ def _config_value(kv: str) -> tuple[str, object]:
         return key, value
 
 
-def run_world(name: str, args, root: Path) -> dict:
+def run_world(name: str, args, root: Path, spec=None) -> dict:
     from lorasynth.synthesis.evaluation import evaluate
     from lorasynth.training.model_parts import train_hypernet, train_latent
     from lorasynth.library.pack import open_pack
@@ -50,7 +56,8 @@ def run_world(name: str, args, root: Path) -> dict:
 
     timings = {}
     t0 = time.perf_counter()
-    world = make_world(hard_world_config(args.persons, **QUALITY_GRID[name], seed=args.seed))
+    world = make_world(spec.config(min(spec.n_identities, args.max_persons)) if spec is not None else
+                       hard_world_config(args.persons, **QUALITY_GRID[name], seed=args.seed))
     write_world_pack(world, root / "pack", overwrite=True)
     timings["world_and_pack_s"] = time.perf_counter() - t0
     model = SynthesisModel.create(root / "model", open_pack(root / "pack"), heldout_frac=0.1, seed=args.seed, val_frac=0.1)
@@ -99,6 +106,8 @@ def run_world(name: str, args, root: Path) -> dict:
             "latent_ge_pca": res["latent"]["reconstruction_delta_cosine"] >= res["latent"]["pca_reconstruction_delta_cosine"] - 1e-9,
         },
         "one_sample_over_oracle": s["diffusion"] / oracle["one_sample"],
+        "default_strategy": res.get("default_strategy"), "notes": getattr(net, "notes", []),
+        "calibration_achieved": (getattr(net, "calibration", {}) or {}).get("achieved"),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     return out
@@ -124,16 +133,58 @@ def main() -> None:
     ap.add_argument("--split", choices=("test", "validation"), default="test",
                     help="score the test people (the final number) or the validation people (to compare designs)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--panel", choices=("validation", "heldout", "both"), default=None,
+                    help="run the world panel(s) of lorasynth/worlds/panels.json instead of --worlds")
+    ap.add_argument("--panel-worlds", default="", help="only these panel worlds (comma-separated names)")
+    ap.add_argument("--max-persons", type=int, default=20000, help="cap a panel world's identities (a quicker run)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="keep the packs/models here (default: a temp dir)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(args.out or tempfile.mkdtemp(prefix="bench_quality_"))
+    if args.panel:
+        print(json.dumps(run_panels(args, root), indent=2))
+        return
     grid = {}
     for name in [w.strip() for w in args.worlds.split(",") if w.strip()]:
         grid[name] = run_world(name, args, root / name)
         print(json.dumps({name: grid[name]["held_out_delta_cosine"]}), file=sys.stderr, flush=True)
     print(json.dumps({"config": vars(args), "grid": grid, "output": str(root)}, indent=2))
+
+
+def run_panels(args, root: Path) -> dict:
+    """Every world of the chosen panel(s): the grid row, the world's reference and the targets against it."""
+    from lorasynth.models.model_folder import SynthesisModel
+    from lorasynth.worlds.panel import load_panel, reference_scores
+    from lorasynth.worlds.planted import make_world
+
+    only = {w.strip() for w in args.panel_worlds.split(",") if w.strip()}
+    out = {}
+    for which in (("validation", "heldout") if args.panel == "both" else (args.panel,)):
+        rows = {}
+        for spec in load_panel(which):
+            if only and spec.name not in only:
+                continue
+            row = run_world(spec.name, args, root / spec.name, spec)
+            model = SynthesisModel.open(root / spec.name / "model")
+            world = make_world(spec.config(min(spec.n_identities, args.max_persons)))
+            test = list(model.info.heldout_ids)[: args.eval_rows or None]
+            ref = reference_scores(world, list(model.info.train_ids), list(model.info.val_ids), test)
+            s = row["held_out_delta_cosine"]
+            row["spec"] = spec.to_dict()
+            row["reference"] = {k: v for k, v in ref.items() if k != "oracle"}
+            row["panel_targets"] = {
+                "one_sample_ge_nearest": s["diffusion"] >= s["nearest"],
+                "one_sample_ge_0.9_reference": s["diffusion"] >= 0.9 * ref["one_sample"],
+                "average_ge_kernel_ridge_minus_0.01": s["diffusion_expected"] >= s["regression"] - 0.01,
+                "spread_within_0.05_or_says_so": bool((row["calibration_achieved"] or {}).get("target_reached"))
+                or bool((row["calibration_achieved"] or {}).get("fell_back")),
+            }
+            rows[spec.name] = row
+            print(json.dumps({spec.name: {"held_out": s, "reference": row["reference"]["one_sample"],
+                                          "default": row["default_strategy"]}}), file=sys.stderr, flush=True)
+        out[which] = rows
+    return {"config": vars(args), "panels": out, "output": str(root)}
 
 
 if __name__ == "__main__":

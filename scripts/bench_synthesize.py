@@ -6,11 +6,19 @@
   sampling (hypernetwork, CFG) / decoding (VAE) / assembling (vector -> LoRA modules) /
   writing (kohya safetensors, atomic). Speed does not depend on weight
   values, so the VAE and hypernetwork have default configs and untrained weights.
+* ``synthesize --average`` (the model's expected delta W, rank 32) on the w2w layout with the
+  default PCA latent of 512, warm, against one sample of the same model: the PCA is fitted on the
+  pack, the hypernetwork's mean and covariance come from the pack's latents (the residual
+  covariance is half global, half local over 64 neighbours: both parts of the computation run).
+  ``first_call_s`` includes the per-model global term (computed once per model and process);
+  ``sigma_points_s`` is the route it replaced (2m decoded LoRAs, a rank-2m truncation per module),
+  run once, with the relative delta-W distance between the two results.
 * VAE and hypernetwork training throughput (items/s) and peak RSS (VmHWM of a child
   process) on an N-entry (default 20,000) w2w-shaped pack written from the planted world.
 
     python scripts/bench_synthesize.py --quick     # 2,000-entry pack, fewer repeats
     python scripts/bench_synthesize.py             # 20,000-entry pack (8 GB on disk)
+    python scripts/bench_synthesize.py --quick --only latency,average   # skip the training rows
 """
 
 from __future__ import annotations
@@ -107,6 +115,83 @@ def bench_latency(model_dir: Path, repeats: int) -> dict:
             "file_mb": round((tmp / "out.safetensors").stat().st_size / 2**20, 3)}
 
 
+def make_pca_model(pack_dir: Path, model_dir: Path, local_k: int = 64, shrink: float = 0.5) -> None:
+    """A model folder with a PCA latent of 512 fitted on the pack and a hypernetwork whose mean and
+    residual covariance (global + local, ``shrink``) come from the pack's latents (weights untrained:
+    ``--average`` does not run the denoiser)."""
+    from lorasynth.library.pack import open_pack
+    from lorasynth.models.hypernet.model import HypernetConfig
+    from lorasynth.models.latent import encode_rows
+    from lorasynth.models.latent.pca import fit_pca
+    from lorasynth.models.model_folder import SynthesisModel
+    from lorasynth.training.hypernet import HypernetDiffusion
+
+    pack = open_pack(pack_dir)
+    model = SynthesisModel.create(model_dir, pack, heldout_frac=0.0)
+    rows = np.asarray(model.info.train_ids)
+    pca = fit_pca(pack, min(512, len(rows) - 1), idx=rows)
+    pca.export(model.latent_dir)
+    z = encode_rows(pca, pack, rows)
+    c = torch.from_numpy(pack.read_embeddings(rows)).float()
+    h = HypernetDiffusion.for_data(z, c, HypernetConfig(local_covariance=False)).eval().hypernet()
+    resid = h.normalize_latent(z) - h.conditional_mean(h.normalize_cond(c))
+    h.cov_cond = torch.nn.functional.normalize(c, dim=1)
+    h.cov_resid = resid.float()
+    h.resid_cov.copy_(torch.cov(resid.double().T).float())
+    h.cov_k.fill_(local_k)
+    h.cov_tau.fill_(0.1)
+    h.cov_shrink.fill_(shrink)
+    h.export(model.hypernet_dir)
+    model.info.latent_kind, model.info.has_hypernet = "pca", True
+    model.save()
+
+
+def bench_average(model_dir: Path, repeats: int, sigma_points: bool = True) -> dict:
+    """Warm ``--average`` (rank 32) against one sample, on the PCA-512 w2w model."""
+    from lorasynth.core.blending import blend
+    from lorasynth.synthesis.expected import global_covariance_root
+    from lorasynth.synthesis.synthesizer import SynthesisSettings, Synthesizer
+
+    syn = Synthesizer(model_dir)
+    e = syn.pack.read_embeddings(np.arange(min(repeats + 1, len(syn.pack))))
+    syn.synthesize(e[0], SynthesisSettings())  # warm: load the PCA and the hypernetwork
+    t0 = time.perf_counter()
+    first = syn.synthesize(e[0], SynthesisSettings(average=True))[0]
+    first_s = time.perf_counter() - t0
+    avg, one = [], []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        syn.synthesize(e[(i + 1) % len(e)], SynthesisSettings(average=True))
+        avg.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        syn.synthesize(e[(i + 1) % len(e)], SynthesisSettings(seed=i))
+        one.append(time.perf_counter() - t0)
+    out = {"repeats": repeats, "latent": "pca", "latent_dim": syn.latent.latent_dim,
+           "global_root_columns": int(global_covariance_root(syn.hypernet).shape[1]),
+           "local_k": int(syn.hypernet.cov_k), "shrink": float(syn.hypernet.cov_shrink),
+           "first_call_s": first_s, "average_median_s": statistics.median(avg),
+           "one_sample_median_s": statistics.median(one), "goal_average_s": 1.0, "goal_one_sample_s": 0.1,
+           "average_rank": first.lora.metadata["lorasynth.average_rank"],
+           "average_rank_error": first.lora.metadata["lorasynth.average_rank_error"],
+           "expectation_tail": first.lora.metadata["lorasynth.expectation_tail"]}
+    out["meets_goals"] = out["average_median_s"] <= 1.0 and out["one_sample_median_s"] <= 0.1
+    if sigma_points:  # the route --average took before: 2m sigma points, decoded, truncated
+        h = syn.hypernet
+        t0 = time.perf_counter()
+        z = h.expected_latents(torch.from_numpy(e[:1]).float())
+        loras = [syn.layout.unflatten(torch.from_numpy(v)) for v in syn.decode(z)]
+        ref, _ = blend(loras, [1.0 / len(loras)] * len(loras), rank=32)
+        out["sigma_points_s"] = time.perf_counter() - t0
+        out["sigma_points"] = len(loras)
+        num = den = 0.0
+        for name in syn.layout.names:
+            a, b = first.lora.modules[name].delta(torch.float64), ref.modules[name].delta(torch.float64)
+            num, den = num + float((a - b).square().sum()), den + float(b.square().sum())
+        out["relative_distance_to_sigma_points"] = (num / den) ** 0.5
+        out["speedup_vs_sigma_points"] = out["sigma_points_s"] / out["average_median_s"]
+    return out
+
+
 def child_train(part: str, pack_dir: str, steps: int) -> None:
     """Runs in a child process: train ``part`` for ``steps`` steps, print items/s and peak RSS."""
     import lightning
@@ -158,6 +243,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--entries", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--only", default="latency,average,training",
+                    help="comma-separated parts to run: latency, average, training")
+    ap.add_argument("--no-sigma-points", action="store_true", help="skip the one run of the old --average route")
     ap.add_argument("--child", nargs=3, metavar=("PART", "PACK", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -168,16 +256,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("LORASYNTH_BENCH_DIR")) as tmp:
         tmp = Path(tmp)
         pack_s = write_pack(tmp / "pack", n)
-        make_model(tmp / "pack", tmp / "model")
+        parts = set(args.only.split(","))
         result = {
             "benchmark": "synthesize",
-            "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+            "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "load_average": os.getloadavg()},
             "layout": "w2w (64 modules, 99,648 values)", "latent_dim": 512,
             "pack": {"entries": n, "write_s": pack_s,
                      "gb": round(sum(f.stat().st_size for f in (tmp / "pack").iterdir()) / 2**30, 2)},
-            "latency": bench_latency(tmp / "model", repeats),
-            "training": bench_training(tmp / "pack", 20 if args.quick else 50, 50 if args.quick else 200),
         }
+        if "latency" in parts:
+            make_model(tmp / "pack", tmp / "model")
+            result["latency"] = bench_latency(tmp / "model", repeats)
+        if "average" in parts:
+            make_pca_model(tmp / "pack", tmp / "model_pca")
+            result["average"] = bench_average(tmp / "model_pca", repeats, not args.no_sigma_points)
+        if "training" in parts:
+            result["training"] = bench_training(tmp / "pack", 20 if args.quick else 50, 50 if args.quick else 200)
+        result["machine"]["load_average_end"] = os.getloadavg()
     print(json.dumps(result, indent=2))
 
 

@@ -38,4 +38,4 @@ def tiny_pipeline(tiny_pipeline_dir):
     """A fresh fp32 ``StableDiffusionPipeline`` loaded from ``tiny_pipeline_dir`` via ``load_pipeline``."""
     from lorasynth.runtime.pipeline import load_pipeline
 
-    return load_pipeline(str(tiny_pipeline_dir))
+    return load_pipeline(str(tiny_pipeline_dir), dtype="fp32")

@@ -58,3 +58,30 @@ def build_tiny_model(root, identities: int, seed: int = 0, latent_dim: int = 16,
     train_latent(model, "vae", latent_dim=latent_dim, train_cfg=TrainConfig(max_steps=steps[0], lr=2e-3, **quick))
     train_hypernet(model, TrainConfig(max_steps=steps[1], lr=1e-3, **quick), hypernet or {"width": 64, "depth": 2})
     return root / "model"
+
+
+def build_untrained_model(root, identities: int = 40, latent_dim: int = 6, cond_dim: int = 128):
+    """A model folder ``root/model`` in seconds, without training: a PCA latent on a planted world in the
+    tiny layout and an untrained hypernetwork (its pack at ``root/pack``). For tests of file handling
+    and argument checks, not of quality."""
+    from pathlib import Path
+
+    from lorasynth.library.pack import PackWriter, open_pack
+    from lorasynth.models.hypernet.model import Hypernet, HypernetConfig
+    from lorasynth.models.latent.pca import fit_pca
+    from lorasynth.models.model_folder import SynthesisModel
+    from lorasynth.worlds.planted import SyntheticWorldConfig, make_world, tiny_layout
+
+    root = Path(root)
+    world = make_world(SyntheticWorldConfig(identities, tiny_layout(), embed_dim=cond_dim, seed=0))
+    with PackWriter(root / "pack", world.layout, world.n, cond_dim, embedder="dlib") as writer:
+        for vectors, embeddings, ids in world.iter_batches():
+            writer.add_batch(vectors, embeddings, ids)
+    pack = open_pack(root / "pack")
+    model = SynthesisModel.create(root / "model", pack, heldout_frac=0.1)
+    fit_pca(pack, k=latent_dim).export(model.latent_dir)
+    config = HypernetConfig(latent_dim=latent_dim, cond_dim=cond_dim, width=16, depth=1, mean_landmarks=4)
+    Hypernet(config).export(model.hypernet_dir)
+    model.info.latent_kind, model.info.has_hypernet = "pca", True
+    model.save()
+    return root / "model"

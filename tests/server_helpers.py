@@ -32,8 +32,10 @@ def build_server_world(root: str | Path, identities: int = 200, seed: int = 0) -
     items = []
     for vectors, embeddings, ids in world.iter_batches(batch_size=256):
         for v, e, name in zip(vectors, embeddings, ids):
+            # "Smiling": a yes/no attribute the web app can edit along (as CelebA's labels in w2w)
+            attrs = {"trainer": "planted", "Smiling": bool(e[0] > 0)}
             items.append(NewEntry(world.layout.unflatten(torch.from_numpy(np.asarray(v))), f"planted-{name}",
-                                  "synthetic", {"trainer": "planted"}, {"dlib": e}))
+                                  "synthetic", attrs, {"dlib": e}))
     lib.add_many(items)
     pack_library(lib, root / "model" / "pack", progress=False)
     lib.close()

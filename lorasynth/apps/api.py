@@ -55,14 +55,15 @@ def blend(items: Sequence[tuple[LoRALike, float]], rank: int | None = None) -> L
     >>> mix = lorasynth.blend([(me, 0.8), (style, 0.4)])              # doctest: +SKIP
     >>> small = lorasynth.blend([(me, 1.0), ("style.safetensors", -0.3)], rank=8)  # doctest: +SKIP
     """
-    from lorasynth.core.blending import blend as _blend
+    from lorasynth.core.blending import blend as _blend, check_weights
 
     try:
-        pairs = [(lora, float(w)) for lora, w in items]
+        pairs = [(lora, w) for lora, w in items]
     except (TypeError, ValueError):
         raise LorasynthError("blend takes a list of (lora, weight) pairs") from None
+    weights = check_weights([w for _, w in pairs])  # finite, bounded: before any file is read
     loaded = [_as_lora(lora) for lora, _ in pairs]
-    out, report = _blend([lora for lora, _ in loaded], [w for _, w in pairs], rank=rank)
+    out, report = _blend([lora for lora, _ in loaded], weights, rank=rank)
     info = json.loads(out.metadata["lorasynth.blend"])
     if rank is not None:
         info["overall_relative_error"] = report.overall_error

@@ -394,7 +394,7 @@ lorasynth library import-w2w lib /data/weights2weights/weights_datasets/identiti
 lorasynth library pack lib pack      # w2w ships no face embeddings: add them with `library import` sidecars
 # 4. the latent model (PCA by default; `--kind vae --steps 20000 --accelerator gpu` for a LoRA-VAE,
 #    compared with PCA on the validation persons) and the hypernetwork (Lightning flags pass through)
-lorasynth train vae --pack pack --out model --latent-dim 512
+lorasynth train latent --pack pack --out model --latent-dim 512
 lorasynth train hypernet --model model --accelerator gpu --devices 4 --strategy ddp
 # 5. synthesize from one photo, blend, generate
 lorasynth synthesize --face me.jpg --model model -o me.safetensors

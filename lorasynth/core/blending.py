@@ -22,7 +22,8 @@ from typing import Sequence
 
 import torch
 
-from lorasynth.errors import LayoutError, LorasynthError
+from lorasynth.errors import InputError, LayoutError, LorasynthError
+from lorasynth.core.numbers import parse_float, parse_int
 from lorasynth.core.lora import LoRA, LoRAModule, factored_svd, factors_from_svd, module_from_factors, stacked_factors
 
 
@@ -48,6 +49,16 @@ class BlendReport:
         }
 
 
+#: the largest |weight| a blend takes: LoRA strengths are O(1); 1e308 overflowed to NaN LoRAs
+MAX_BLEND_WEIGHT = 1000.0
+
+
+def check_weights(weights: Sequence[float]) -> list[float]:
+    """Blend weights as floats: finite and in ``[-MAX_BLEND_WEIGHT, MAX_BLEND_WEIGHT]``, else one InputError line."""
+    return [parse_float(w, f"blend weight {i + 1}", minimum=-MAX_BLEND_WEIGHT, maximum=MAX_BLEND_WEIGHT)
+            for i, w in enumerate(weights)]
+
+
 def blend(
     loras: Sequence[LoRA],
     weights: Sequence[float],
@@ -62,10 +73,15 @@ def blend(
     rest would be zero padding (``report.requested_rank`` keeps the request). Output factors
     have alpha = rank (scale 1); ``dtype`` defaults to the promoted input dtype.
     """
-    if len(loras) != len(weights) or not loras:
+    try:
+        n_weights = len(weights)
+    except TypeError:
+        raise InputError("blend weights must be a list of numbers") from None
+    if len(loras) != n_weights or not loras:
         raise LorasynthError("blend needs one weight per LoRA and at least one LoRA")
-    if rank is not None and rank < 1:
-        raise LorasynthError(f"rank must be >= 1, got {rank}")
+    weights = check_weights(weights)
+    if rank is not None:
+        rank = parse_int(rank, "rank", minimum=1)
     all_dtypes = [m.down.dtype for lora in loras for m in lora.modules.values()]
     out_dtype = dtype or reduce(torch.promote_types, all_dtypes, torch.float32)
     work_dtype = torch.float64 if rank is not None else out_dtype

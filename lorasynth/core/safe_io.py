@@ -9,7 +9,9 @@ bytes) - the rules of the reference ``safe_open``, and stricter on types. Every 
 project reads back (packs, libraries, model folders, configs) goes through
 :func:`read_json` / :func:`parse_json` (UTF-8, bounded nesting, no duplicate keys, the
 expected top-level type). Every failure is one clear :class:`FormatError` line; a
-directory, FIFO, device or unreadable file is named as such (:func:`check_input_file`).
+directory, FIFO, device, link (where none is expected) or unreadable file is named as such, and
+every file is checked on the open descriptor and read up to its size, never beyond
+(:mod:`lorasynth.core.input_files`: :func:`open_input`, :func:`read_input_bytes`).
 
 Writing. Every output goes through :func:`atomic_path` (or :func:`atomic_write`,
 :func:`write_bytes`, :func:`write_text`, :func:`write_json`): a temp file in the target
@@ -34,9 +36,11 @@ from typing import IO, Any, Callable, Iterator
 import numpy as np
 import torch
 from safetensors.numpy import save as save_numpy
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from lorasynth.errors import FormatError, OutputError
+from lorasynth.core.input_files import (check_input_file, copy_input, input_sha256, kind_problem, open_input,  # noqa: F401
+                                        read_input_bytes)  # re-exported: safe_io is the one door for reads
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 MAX_JSON_DEPTH = 64  # no file lorasynth reads nests deeper than a few levels
@@ -57,64 +61,7 @@ _NUMPY_DTYPES = set(SAFETENSORS_DTYPES.values()) - {torch.bfloat16}  # numpy has
 
 
 # --------------------------------------------------------------------------- input files
-
-
-def check_input_file(path: str | os.PathLike, what: str = "file", error: type[Exception] = FormatError) -> int:
-    """Check that ``path`` is a regular, readable file; return its size.
-
-    Raises ``error`` (a LorasynthError) with a message that names what the path really is:
-    missing, a directory, a FIFO, a device, a socket, or not readable.
-    """
-    path = Path(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise error(f"{path}: no such {what}") from None
-    except NotADirectoryError:
-        raise error(f"{path}: no such {what} (a part of the path is a file, not a folder)") from None
-    except PermissionError:
-        raise error(f"{path}: permission denied (cannot read this {what})") from None
-    except OSError as e:
-        raise error(f"{path}: cannot read this {what}: {e.strerror or e}") from None
-    mode = st.st_mode
-    if stat.S_ISDIR(mode):
-        raise error(f"{path}: is a directory, not a {what}")
-    if stat.S_ISFIFO(mode):
-        raise error(f"{path}: is a FIFO (named pipe), not a regular {what}")
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        raise error(f"{path}: is a device, not a regular {what}")
-    if stat.S_ISSOCK(mode):
-        raise error(f"{path}: is a socket, not a regular {what}")
-    if not stat.S_ISREG(mode):
-        raise error(f"{path}: is not a regular {what}")
-    return st.st_size
-
-
-@contextmanager
-def open_input(path: str | os.PathLike, what: str = "file", error: type[Exception] = FormatError) -> Iterator[tuple[IO[bytes], int]]:
-    """``(binary file, size)`` of a checked regular file; OS errors become one ``error`` line."""
-    path = Path(path)
-    size = check_input_file(path, what, error)
-    try:
-        f = open(path, "rb")
-    except PermissionError:
-        raise error(f"{path}: permission denied (cannot read this {what})") from None
-    except OSError as e:
-        raise error(f"{path}: cannot read this {what}: {e.strerror or e}") from None
-    with f:
-        yield f, size
-
-
-def read_input_bytes(path: str | os.PathLike, what: str = "file", limit: int | None = None,
-                     error: type[Exception] = FormatError) -> bytes:
-    """All bytes of a checked regular file (at most ``limit``: larger files are refused)."""
-    with open_input(path, what, error) as (f, size):
-        if limit is not None and size > limit:
-            raise error(f"{path}: {what} is {size} bytes, more than the {limit} a {what} may hold")
-        try:
-            return f.read() if limit is None else f.read(limit + 1)
-        except OSError as e:
-            raise error(f"{path}: cannot read this {what}: {e.strerror or e}") from None
+# check_input_file, open_input, read_input_bytes, input_sha256, copy_input: lorasynth.core.input_files
 
 
 # --------------------------------------------------------------------------- JSON
@@ -209,7 +156,7 @@ def read_json(path: str | os.PathLike, what: str | None = None, expect: type | t
 # --------------------------------------------------------------------------- safetensors
 
 
-def _zip_has_pickle(path: Path) -> bool:
+def _zip_has_pickle(path: Path | IO[bytes]) -> bool:
     import zipfile
 
     try:
@@ -241,9 +188,9 @@ def _not_safetensors(path: Path, head: bytes, size: int) -> FormatError:
     return FormatError(f"{path}: not a safetensors file (no valid header)")
 
 
-def _check_framing(path: Path, size: int, head: bytes) -> int:
-    """Refuse pickles and non-safetensors framing; return the header length."""
-    pickled = _raw_pickle(head) or (head.startswith(b"PK\x03\x04") and _zip_has_pickle(path))
+def _check_framing(path: Path, size: int, head: bytes, source: Path | IO[bytes] | None = None) -> int:
+    """Refuse pickles and non-safetensors framing; return the header length (``source``: where a zip is read)."""
+    pickled = _raw_pickle(head) or (head.startswith(b"PK\x03\x04") and _zip_has_pickle(path if source is None else source))
     if pickled or path.suffix.lower() in PICKLE_SUFFIXES:
         raise FormatError(
             f"{path}: looks like a pickled PyTorch checkpoint; lorasynth never unpickles LoRA files "
@@ -367,7 +314,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     path = Path(path)
     with open_input(path, "file") as (f, size):
         try:
-            n = _check_framing(path, size, f.read(9))
+            n = _check_framing(path, size, f.read(9), f)
             f.seek(8)
             raw = f.read(n)
         except OSError as e:
@@ -376,7 +323,11 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             raise FormatError(f"{path}: file changed while reading")
         header, metadata = parse_safetensors_header(path, raw, size - 8 - n)
         if any(e["dtype"] not in SAFETENSORS_DTYPES for e in header.values()):
-            return _read_with_safetensors(path), metadata
+            f.seek(0)
+            whole = f.read(size + 1)
+            if len(whole) != size:
+                raise FormatError(f"{path}: file changed while reading")
+            return _read_with_safetensors(path, whole), metadata
         data = bytearray(size - 8 - n)
         try:
             got = f.readinto(data)
@@ -384,6 +335,11 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             raise FormatError(f"{path}: cannot read this file: {e.strerror or e}") from None
         if got != len(data):
             raise FormatError(f"{path}: file changed while reading")
+    return tensors_from_buffer(header, data), metadata
+
+
+def tensors_from_buffer(header: dict, data: bytearray) -> dict[str, torch.Tensor]:
+    """The tensors of a validated header (:func:`parse_safetensors_header`), as views of ``data``."""
     tensors = {}
     for key, entry in header.items():
         dtype = SAFETENSORS_DTYPES[entry["dtype"]]
@@ -394,12 +350,36 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         source = data if start % dtype.itemsize == 0 else bytearray(data[start:end])  # keep elements aligned
         offset = start if source is data else 0
         tensors[key] = torch.frombuffer(source, dtype=dtype, count=(end - start) // dtype.itemsize, offset=offset).view(entry["shape"])
-    return tensors, metadata
+    return tensors
 
 
-def _read_with_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def safetensors_from_bytes(raw: bytes | bytearray, path: str | os.PathLike,
+                           error: type[Exception] = FormatError) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of safetensors bytes already read (and hash-checked) by the caller.
+
+    The same checks as :func:`read_safetensors` (no pickle, framing, the whole header); ``path``
+    names the file in the one-line ``error``. Tensors are views of one copy of the data section.
+    """
+    import io
+
+    path = Path(path)
     try:
-        return load_file(str(path), device="cpu")
+        n = _check_framing(path, len(raw), bytes(raw[:9]), io.BytesIO(raw))
+        header, metadata = parse_safetensors_header(path, bytes(raw[8 : 8 + n]), len(raw) - 8 - n)
+        if any(e["dtype"] not in SAFETENSORS_DTYPES for e in header.values()):
+            return _read_with_safetensors(path, bytes(raw)), metadata
+    except FormatError as e:
+        if error is FormatError:
+            raise
+        raise error(str(e)) from None
+    return tensors_from_buffer(header, bytearray(memoryview(raw)[8 + n :])), metadata
+
+
+def _read_with_safetensors(path: Path, raw: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load as load_bytes
+
+    try:
+        return load_bytes(raw)
     except Exception as e:  # safetensors raises its own error types
         raise FormatError(f"{path}: cannot read safetensors data: {e}") from None
 

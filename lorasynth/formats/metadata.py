@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lorasynth.core.safe_io import parse_json, safetensors_bytes
+from lorasynth.core.safe_io import open_input, parse_json, safetensors_bytes
 from lorasynth.errors import FormatError
 
 #: Default trigger phrase of lorasynth's identity LoRAs (the w2w DreamBooth prompt is "a photo of sks person").
@@ -128,26 +128,25 @@ def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: Mapping[str, 
     return model_hash, legacy_hash
 
 
-def _sha256_from(path: str | os.PathLike, offset: int) -> str:
+def _sha256_from(path: str | os.PathLike, offset: int | None) -> str:
+    """SHA-256 of a regular file from ``offset`` (None: after a safetensors header), up to its size."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(offset)
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+    with open_input(path, "file") as (f, size):
+        if offset is None:
+            head = f.read(8)
+            offset = 8 + struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        f.seek(min(offset, size))
+        left = max(0, size - offset)
+        while left > 0 and (chunk := f.read(min(1 << 20, left))):
             h.update(chunk)
+            left -= len(chunk)
     return h.hexdigest()
 
 
 def lora_file_hash(path: str | os.PathLike) -> str:
     """A1111's hash of a LoRA file: sha256 of a safetensors file's data section (the whole file otherwise)."""
     path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        return _sha256_from(path, 0)
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) < 8:
-        return _sha256_from(path, 0)
-    (n,) = struct.unpack("<Q", head)
-    return _sha256_from(path, 8 + n)
+    return _sha256_from(path, None if path.suffix.lower() == ".safetensors" else 0)
 
 
 def model_file_hash(path: str | os.PathLike) -> str:

@@ -19,6 +19,7 @@ transformers 5, none since), as peft's own ``save_pretrained`` would write them,
 
 from __future__ import annotations
 
+import os
 from importlib import metadata as _dist
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from lorasynth.errors import FormatError
 from lorasynth.core.lora import LoRA
 from lorasynth.core.sd15 import file_path
 from lorasynth.formats.common import DOWN, UP, check_lora_config, group_factors, make_module, most_common, warn
-from lorasynth.core.safe_io import parse_json
+from lorasynth.core.safe_io import parse_json, read_input_bytes
 from lorasynth.formats.diffusers_format import config_alpha, target_name
 from lorasynth.formats.keys import ModuleTree, sd15_tree
 from lorasynth.formats.metadata import base_model_of, carried_metadata
@@ -56,14 +57,10 @@ def _parse(key: str) -> tuple[str, str] | None:
 def read_adapter_config(lora_path: Path) -> dict | None:
     """The validated ``adapter_config.json`` beside ``lora_path``, or None if there is none."""
     cfg_path = Path(lora_path).with_name(CONFIG_NAME)
-    if not cfg_path.is_file():
+    if not os.path.lexists(cfg_path):
         return None
-    try:
-        if cfg_path.stat().st_size > MAX_CONFIG_BYTES:
-            raise FormatError(f"{cfg_path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not an adapter config")
-        raw = cfg_path.read_bytes()
-    except OSError as e:
-        raise FormatError(f"{cfg_path}: cannot read: {e.strerror or e}") from None
+    # a folder, FIFO or device of that name is refused (one line), never read or silently skipped
+    raw = read_input_bytes(cfg_path, "adapter config", MAX_CONFIG_BYTES, FormatError)
     return check_lora_config(parse_json(raw, str(cfg_path)), str(cfg_path))
 
 

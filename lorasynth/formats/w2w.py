@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import stat
 import struct
 import warnings
 import zipfile
@@ -32,6 +33,7 @@ import torch
 from lorasynth.errors import FormatError
 from lorasynth.core.layout import W2W_ALPHA, Layout
 from lorasynth.core.lora import LoRA, LoRAModule
+from lorasynth.core.safe_io import check_input_file, open_input
 
 WEIGHTS_FILE = "all_weights.pt"
 DIMS_FILE = "weight_dimensions.pt"
@@ -133,6 +135,7 @@ def check_weight_dimensions(dims: Mapping, layout: Layout | None = None) -> None
 
 def _safe_load(path: Path, what: str, mmap: bool = False):
     """``torch.load(weights_only=True)``; every failure becomes one clear FormatError."""
+    check_input_file(path, what)  # a FIFO, device or folder is named, never opened
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -297,7 +300,7 @@ class W2WDataset:
                 if len(records) != 1 or records[0].compress_type != zipfile.ZIP_STORED:
                     return None
                 info = records[0]
-            with open(path, "rb") as f:
+            with open_input(path, "checkpoint") as (f, _):
                 f.seek(info.header_offset)
                 local = f.read(30)
             if local[:4] != b"PK\x03\x04":
@@ -308,13 +311,13 @@ class W2WDataset:
             if info.file_size != nbytes:
                 return None
             offset = start + weights.storage_offset() * 4
-            with open(path, "rb") as f:
+            with open_input(path, "checkpoint") as (f, _):
                 f.seek(offset)
                 first = f.read(weights.shape[1] * 4)
             if first != weights[0].numpy().tobytes():
                 return None
             return offset
-        except (OSError, zipfile.BadZipFile, struct.error, RuntimeError):
+        except (OSError, zipfile.BadZipFile, struct.error, RuntimeError, FormatError):
             return None
 
     def __len__(self) -> int:
@@ -346,7 +349,11 @@ class W2WDataset:
         if self._row_offset is None:
             return self.weights[index].to(torch.float32).clone()
         if self._fd is None:
-            self._fd = os.open(self.weights_path, os.O_RDONLY)
+            fd = os.open(self.weights_path, os.O_RDONLY | os.O_NONBLOCK)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise FormatError(f"{self.weights_path}: no longer a regular file")
+            self._fd = fd
         out = torch.empty(self.layout.size, dtype=torch.float32)
         want = self.layout.size * 4
         got = os.preadv(self._fd, [out.numpy()], self._row_offset + index * want)

@@ -26,7 +26,7 @@ import torch
 
 from lorasynth.errors import FormatError, LibraryError
 from lorasynth.formats.keys import kohya_name
-from lorasynth.core.safe_io import SAFETENSORS_DTYPES, current_umask
+from lorasynth.core.safe_io import SAFETENSORS_DTYPES, current_umask, read_input_bytes
 from lorasynth.core.layout import Layout
 from lorasynth.core.lora import LoRA, LoRAModule
 
@@ -34,6 +34,8 @@ BLOB_DIR = "blobs"
 TMP_DIR = "tmp"
 BLOB_SUFFIX = ".safetensors"
 BLOB_METADATA = {"lorasynth.blob": "1"}  # fixed, so equal tensors give equal bytes
+#: the largest blob a library reads (an SD1.5 LoRA of rank 256 in float32 is ~600 MB)
+MAX_BLOB_BYTES = 4 * 2**30
 _BLOB_NAME = re.compile(r"[0-9a-f]{64}")  # a manifest's blob column must be exactly this (it becomes a path)
 HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"  # in staging temp file names
 _TEMP_NAME = re.compile(r"\.blob\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[^.]*\.tmp")
@@ -199,22 +201,11 @@ def stage_blob(tmp_dir: Path, data: bytes, fsync: bool = True) -> Path:
 
 
 def blob_intact(path: Path, data: bytes) -> bool:
-    """Whether the file ``path`` exists and holds exactly ``data``."""
+    """Whether ``path`` is a regular file (not a link) holding exactly ``data`` (a FIFO or device is not)."""
     try:
-        if path.stat().st_size != len(data):
-            return False
-        return path.read_bytes() == data
-    except OSError:
+        return read_input_bytes(path, "blob file", len(data), LibraryError, follow_links=False) == data
+    except LibraryError:
         return False
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (OSError if it cannot be read)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def list_blob_files(root: Path) -> tuple[dict[str, Path], list[Path]]:

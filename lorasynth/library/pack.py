@@ -35,12 +35,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 from torch.utils.data import Dataset
 
 from lorasynth.errors import LayoutError, LibraryError, OutputError
-from lorasynth.core.safe_io import ensure_folder, read_json
+from lorasynth.core.safe_io import (MAX_JSON_BYTES, ensure_folder, kind_problem, open_input, read_input_bytes, read_json,
+                                    safetensors_from_bytes)
 from lorasynth.core.layout import Layout
 
 PACK_VERSION = 1
@@ -48,6 +48,9 @@ VECTORS_FILE = "vectors.npy"
 EMBEDDINGS_FILE = "embeddings.npy"
 STATS_FILE = "stats.safetensors"
 META_FILE = "pack.json"
+#: every file a pack consists of (what `export-model --include-pack` copies; nothing else in the folder)
+PACK_FILES = (META_FILE, VECTORS_FILE, EMBEDDINGS_FILE, STATS_FILE)
+MAX_STATS_BYTES = MAX_JSON_BYTES * 16  # two float32 columns of the layout: 800 KB for w2w
 
 #: Floor of the standardisation scale, relative to the median column std. Columns that
 #: never vary (std 0) would divide by zero; near-constant ones would turn rounding noise
@@ -81,7 +84,7 @@ class _RowFile:
 
     @classmethod
     def open(cls, path: Path, writable: bool = False) -> "_RowFile":
-        with open(path, "rb") as f:
+        with open_input(path, "pack file", LibraryError) as (f, size):  # a regular file, checked on the open file
             version = np.lib.format.read_magic(f)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, fortran, dtype = read_header(f)
@@ -89,14 +92,22 @@ class _RowFile:
         if len(shape) != 2 or fortran or dtype != np.float32:
             raise LibraryError(f"{path}: expected a C-ordered float32 2-D array, got shape {shape} {dtype}")
         expected = offset + shape[0] * shape[1] * 4
-        if os.path.getsize(path) < expected:
-            raise LibraryError(f"{path} is truncated: {os.path.getsize(path)} bytes, expected {expected}")
+        if size < expected:
+            raise LibraryError(f"{path} is truncated: {size} bytes, expected {expected}")
         return cls(path, int(shape[0]), int(shape[1]), offset, writable)
 
     def _fileno(self) -> int:
         if self._fd is None or self._pid != os.getpid():
-            self._fd = os.open(self.path, os.O_RDWR if self.writable else os.O_RDONLY)
-            self._pid = os.getpid()
+            flags = (os.O_RDWR if self.writable else os.O_RDONLY) | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+            try:
+                fd = os.open(self.path, flags)
+            except OSError as e:
+                raise LibraryError(f"{self.path}: cannot open this pack file: {e.strerror or e}") from None
+            why = kind_problem(os.fstat(fd).st_mode, "pack file")
+            if why is not None:  # replaced since the pack was opened
+                os.close(fd)
+                raise LibraryError(f"{self.path}: {why}")
+            self._fd, self._pid = fd, os.getpid()
         return self._fd
 
     def close(self) -> None:
@@ -457,7 +468,7 @@ def open_pack(path: str | Path) -> Pack:
     if not path.is_dir():
         raise LibraryError(f"no pack at {path} (expected a directory made by `lorasynth pack`)")
     for name in (META_FILE, VECTORS_FILE, STATS_FILE):
-        if not (path / name).is_file():
+        if not os.path.lexists(path / name):
             raise LibraryError(f"pack {path} is incomplete: {name} is missing")
     meta = read_json(path / META_FILE, "pack description", dict, error=LibraryError)
     if meta.get("format") != "lorasynth-pack":
@@ -475,15 +486,13 @@ def open_pack(path: str | Path) -> Pack:
         raise LibraryError(f"pack {path}: inconsistent {META_FILE} (dim {dim} vs layout {layout.size}, {len(ids)} ids for n={n})")
     vec = _open_rows(path, VECTORS_FILE, (n, dim))
     if embed_dim:
-        if not (path / EMBEDDINGS_FILE).is_file():
+        if not os.path.lexists(path / EMBEDDINGS_FILE):
             raise LibraryError(f"pack {path} is incomplete: {EMBEDDINGS_FILE} is missing")
         emb = _open_rows(path, EMBEDDINGS_FILE, (n, embed_dim))
     else:
         emb = _RowFile(path / EMBEDDINGS_FILE, n, 0, 0)
-    try:
-        stats = load_file(str(path / STATS_FILE))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LibraryError(f"pack {path}: {STATS_FILE} is unreadable ({e})") from None
+    raw = read_input_bytes(path / STATS_FILE, "pack statistics file", MAX_STATS_BYTES, LibraryError, mutable=True)
+    stats = {k: v.numpy() for k, v in safetensors_from_bytes(raw, path / STATS_FILE, LibraryError)[0].items()}
     for key in ("mean", "std"):
         if key not in stats or stats[key].shape != (dim,):
             raise LibraryError(f"pack {path}: {STATS_FILE} lacks a ({dim},) {key!r} tensor")

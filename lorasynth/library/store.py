@@ -47,7 +47,8 @@ import numpy as np
 from lorasynth.errors import LibraryError, LorasynthError
 from lorasynth.formats import save_lora
 from lorasynth.formats.common import most_common
-from lorasynth.core.safe_io import fsync_dir
+from lorasynth.core.numbers import is_id_text, parse_id
+from lorasynth.core.safe_io import fsync_dir, input_sha256, read_input_bytes
 from lorasynth.core.layout import Layout
 from lorasynth.core.lora import LoRA
 from lorasynth.library.blobs import (
@@ -57,10 +58,10 @@ from lorasynth.library.blobs import (
     HOST,
     TMP_DIR,
     blob_bytes,
+    MAX_BLOB_BYTES,
     blob_intact,
     decode_blob,
     encode_blob,
-    file_sha256,
     is_blob_name,
     list_blob_files,
     stage_blob,
@@ -234,10 +235,15 @@ class Library:
         return entry_from_row(row, self.root)
 
     def resolve(self, id_or_name: int | str) -> Entry:
-        """The entry with this id (int or digit string) or name; LibraryError if none."""
+        """The entry with this id (int or ASCII-digit string) or name; LibraryError if none.
+
+        Ids go through :func:`lorasynth.core.numbers.parse_id` (0..2**63-1; ``"²"`` is a name, not an
+        id; a bool, a float or a too-large number is one InputError line).
+        """
         row = None
-        if isinstance(id_or_name, (int, np.integer)) or (isinstance(id_or_name, str) and id_or_name.isdigit()):
-            row = self._conn.execute(f"SELECT {ENTRY_COLUMNS} FROM entries WHERE id = ?", (int(id_or_name),)).fetchone()
+        if not isinstance(id_or_name, str) or is_id_text(id_or_name):
+            entry_id = parse_id(id_or_name)
+            row = self._conn.execute(f"SELECT {ENTRY_COLUMNS} FROM entries WHERE id = ?", (entry_id,)).fetchone()
         if row is None:
             row = self._conn.execute(f"SELECT {ENTRY_COLUMNS} FROM entries WHERE name = ?", (str(id_or_name),)).fetchone()
         if row is None:
@@ -256,27 +262,30 @@ class Library:
     def ids(self) -> list[int]:
         return [r[0] for r in self._conn.execute("SELECT id FROM entries ORDER BY id")]
 
-    def read_blob(self, entry: Entry) -> bytes:
-        """The blob bytes of ``entry``, checked against its hash (LibraryError if missing or corrupt)."""
+    def read_blob(self, entry: Entry, verify: bool | None = None) -> bytes:
+        """The blob bytes of ``entry``, checked against its hash (LibraryError if missing or corrupt).
+
+        One read of a regular file (a FIFO, a device or a link in the blob folder is refused, never
+        opened for reading or followed), bounded by :data:`MAX_BLOB_BYTES`; the hash is computed on
+        the bytes returned, so what is decoded is what was checked. ``verify``: default
+        ``config.verify_on_read``.
+        """
         path = self.blob_path(entry.blob)
+        what = f"entry {entry.id} ({entry.name}): blob"
+        if not os.path.lexists(path):
+            raise LibraryError(f"{what} {path} is missing; run `lorasynth library verify`")
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise LibraryError(f"entry {entry.id} ({entry.name}): blob {path} is missing; run `lorasynth library verify`") from None
-        if self.config.verify_on_read and hashlib.sha256(data).hexdigest() != entry.blob:
-            raise LibraryError(f"entry {entry.id} ({entry.name}): blob {path} is corrupt (hash mismatch)")
+            data = read_input_bytes(path, "blob file", MAX_BLOB_BYTES, LibraryError, follow_links=False)
+        except LibraryError as e:
+            raise LibraryError(f"{what}: {e}; run `lorasynth library verify`") from None
+        if (self.config.verify_on_read if verify is None else verify) and hashlib.sha256(data).hexdigest() != entry.blob:
+            raise LibraryError(f"{what} {path} is corrupt (hash mismatch)")
         return data
 
     def load(self, entry: Entry) -> LoRA:
         """The LoRA stored for ``entry`` (hash-checked when ``config.verify_on_read``)."""
         path = self.blob_path(entry.blob)
-        if self.config.verify_on_read:
-            data = self.read_blob(entry)
-        else:
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                raise LibraryError(f"entry {entry.id} ({entry.name}): blob {path} is missing; run `lorasynth library verify`") from None
+        data = self.read_blob(entry)
         lora = decode_blob(data, self.layout, f"entry {entry.id} ({entry.name}): {path}")
         lora.metadata = {
             "lorasynth.name": entry.name,
@@ -537,13 +546,13 @@ class Library:
                 continue
             referenced.add(digest)
             path = self.blob_path(digest)
-            try:
-                got = file_sha256(path)
-            except (FileNotFoundError, NotADirectoryError):
+            if not os.path.lexists(path):
                 report.missing.append((entry_id, name, digest))
                 continue
-            except OSError as e:  # a directory, a FIFO, no permission...
-                report.corrupt.append((entry_id, name, digest, f"unreadable: {e.strerror or e}"))
+            try:  # a regular file, not followed through a link, read up to its size
+                got = input_sha256(path, "blob file", LibraryError, follow_links=False)
+            except LibraryError as e:  # a directory, a FIFO, a device, a link, no permission...
+                report.corrupt.append((entry_id, name, digest, f"unreadable: {str(e).removeprefix(f'{path}: ')}"))
                 continue
             if got != digest:
                 report.corrupt.append((entry_id, name, digest, "hash mismatch"))

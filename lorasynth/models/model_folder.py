@@ -25,7 +25,9 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
+import tempfile
 import threading
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
@@ -33,8 +35,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from lorasynth.errors import LorasynthError, ModelError
-from lorasynth.core.safe_io import parse_json, read_json, write_text
+from lorasynth.core.safe_io import (copy_input, ensure_folder, input_sha256, kind_problem, parse_json, read_input_bytes,
+                                    read_json, write_text)
 from lorasynth.core.layout import Layout
+from lorasynth.models.latent.export import MAX_PART_BYTES
 
 MODEL_FILE = "lorasynth_model.json"
 FORMAT_VERSION = 1
@@ -115,22 +119,27 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+    """SHA-256 of a model file: a regular file (a link is followed to one), else one ModelError line."""
+    return input_sha256(path, "model file", ModelError)
+
+
+def _part_limit(rel: str) -> int:
+    return _MAX_MODEL_JSON if rel.endswith(".json") else MAX_PART_BYTES
 
 
 def _verified_part(part: str):
-    """Decorator of ``load_<part>``: verify the part's recorded hashes first; loader failures
-    (a missing file, a config that does not fit its weights...) become one ModelError line."""
+    """Decorator of ``load_<part>(self, read)``: the loader reads its files through ``read``, which
+    returns bytes checked against the recorded hashes (:meth:`SynthesisModel.read_part`); recorded
+    files of the part it did not read are then verified too. Loader failures (a missing file, a
+    config that does not fit its weights...) become one ModelError line."""
     def wrap(load):
         @functools.wraps(load)
         def checked(self):
-            self.verify(part)
+            read_ok: set[str] = set()
             try:
-                return load(self)
+                model = load(self, self.part_reader(part, read_ok))
+                self.verify(part, skip=read_ok)
+                return model
             except LorasynthError as e:
                 if "\n" not in str(e):
                     raise
@@ -149,7 +158,7 @@ class SynthesisModel:
         self.path = Path(path)
         self.info = info
         self._hashing: threading.Thread | None = None
-        self._digests: dict[str, str | OSError] = {}
+        self._digests: dict[str, tuple[bytes | bytearray, str] | LorasynthError] = {}
         try:
             self.layout = Layout.from_dict(info.layout)
         except (LorasynthError, TypeError, ValueError, KeyError, AttributeError) as e:
@@ -192,14 +201,9 @@ class SynthesisModel:
     def open(cls, path: str | Path) -> "SynthesisModel":
         path = Path(path)
         f = path / MODEL_FILE
-        if not f.is_file():
+        if not os.path.lexists(f):
             raise ModelError(f"{path} is not a lorasynth model folder (no {MODEL_FILE}); train one with `lorasynth train latent`")
-        try:
-            if f.stat().st_size > _MAX_MODEL_JSON:
-                raise ModelError(f"{f} is corrupt: larger than {_MAX_MODEL_JSON >> 20} MB")
-            data = f.read_bytes()
-        except OSError as e:
-            raise ModelError(f"cannot read {f}: {e.strerror or e}") from None
+        data = read_input_bytes(f, MODEL_FILE, _MAX_MODEL_JSON, ModelError)
         info = ModelInfo.from_json_bytes(data, str(f))
         if info.version != FORMAT_VERSION:
             raise ModelError(f"{f}: model format version {info.version}, this lorasynth reads {FORMAT_VERSION}")
@@ -230,48 +234,78 @@ class SynthesisModel:
         out = []
         for part in PARTS:
             d = self.path / part
-            if d.is_dir():
-                out += [f"{part}/{f.name}" for f in sorted(d.iterdir()) if f.is_file() and f.suffix in _HASHED_SUFFIXES]
+            if d.is_dir() and not d.is_symlink():  # links are never recorded (nor copied by save_pretrained)
+                out += [f"{part}/{f.name}" for f in sorted(d.iterdir())
+                        if f.suffix in _HASHED_SUFFIXES and kind_problem(f.lstat().st_mode, "file") is None]
         return out
 
-    def verify(self, part: str | None = None) -> None:
+    def verify(self, part: str | None = None, skip: set[str] | frozenset = frozenset()) -> None:
         """Check the recorded SHA-256 of every file of ``part`` (or of all parts): ModelError on a mismatch.
 
-        Folders saved before hashes were recorded have nothing to check.
+        Folders saved before hashes were recorded have nothing to check. ``skip``: files already
+        checked (by :meth:`read_part`).
         """
+        for rel in sorted(self.info.files):
+            if (part is None or rel.startswith(part + "/")) and rel not in skip:
+                self._check_digest(rel, self._prefetched(rel)[1])
+
+    def _prefetched(self, rel: str) -> tuple[bytes | bytearray | None, str]:
+        """``(bytes or None, SHA-256)`` of a recorded file: from the background read, else hashed now."""
         if self._hashing is not None:
             self._hashing.join()
             self._hashing = None
-        for rel, digest in sorted(self.info.files.items()):
-            if part is not None and not rel.startswith(part + "/"):
-                continue
-            f = self.path / rel
-            if not f.is_file():
-                raise ModelError(f"model folder {self.path} is missing {rel} (recorded at export); "
-                                 "copy or download the whole folder again")
-            actual = self._digests.pop(rel, None)
-            try:
-                if isinstance(actual, OSError):
-                    raise actual
-                actual = actual or sha256_file(f)
-            except OSError as e:
-                raise ModelError(f"cannot read {f}: {e.strerror or e}") from None
-            if actual != digest:
-                raise ModelError(f"{f} does not match the SHA-256 recorded at export: the file is damaged or was "
-                                 "altered; copy or download the model again")
+        got = self._digests.pop(rel, None)
+        if isinstance(got, LorasynthError):
+            raise got
+        if got is not None:
+            return got
+        self._missing(rel)
+        return None, sha256_file(self.path / rel)
+
+    def _missing(self, rel: str) -> None:
+        if rel in self.info.files and not os.path.lexists(self.path / rel):
+            raise ModelError(f"model folder {self.path} is missing {rel} (recorded at export); "
+                             "copy or download the whole folder again")
+
+    def _check_digest(self, rel: str, actual: str) -> None:
+        if rel in self.info.files and actual != self.info.files[rel]:
+            raise ModelError(f"{self.path / rel} does not match the SHA-256 recorded at export: the file is damaged or "
+                             "was altered; copy or download the model again")
+
+    def read_part(self, rel: str) -> bytes | bytearray:
+        """The bytes of model file ``rel`` (e.g. ``"latent/vae.json"``), checked against the SHA-256
+        recorded in ``lorasynth_model.json`` on these same bytes: what a loader parses is what was
+        checked (no check-then-reopen). Regular files only, bounded; one ModelError line otherwise."""
+        data, digest = self._prefetched(rel) if rel in self.info.files else (None, None)
+        if data is None:
+            self._missing(rel)
+            data = read_input_bytes(self.path / rel, rel, _part_limit(rel), ModelError, mutable=True)
+            digest = hashlib.sha256(data).hexdigest()
+        self._check_digest(rel, digest)
+        return data
+
+    def part_reader(self, part: str, checked: set[str]):
+        """A reader (``read(name) -> bytes``) of ``part``'s files through :meth:`read_part`; adds each to ``checked``."""
+        def read(name: str) -> bytes | bytearray:
+            rel = f"{part}/{name}"
+            checked.add(rel)
+            return self.read_part(rel)
+        return read
 
     def start_verify(self) -> None:
-        """Hash the recorded files in a background thread (hashlib releases the GIL), so that a
-        later :meth:`verify` (loading a part) only waits for what is left: a synthesis process
-        hashes the weights while it embeds the face photo."""
+        """Read and hash the recorded files in a background thread (hashlib releases the GIL), so that a
+        later load only waits for what is left: a synthesis process reads the weights while it embeds
+        the face photo. The loaders parse exactly the bytes that were hashed (:meth:`read_part`)."""
         if self._hashing is not None or not self.info.files:
             return
 
         def work() -> None:
             for rel in self.info.files:
                 try:
-                    self._digests[rel] = sha256_file(self.path / rel)
-                except OSError as e:
+                    self._missing(rel)
+                    data = read_input_bytes(self.path / rel, rel, _part_limit(rel), ModelError, mutable=True)
+                    self._digests[rel] = (data, hashlib.sha256(data).hexdigest())
+                except LorasynthError as e:
                     self._digests[rel] = e
 
         self._hashing = threading.Thread(target=work, name="lorasynth-verify", daemon=True)
@@ -302,24 +336,24 @@ class SynthesisModel:
         return pack
 
     @_verified_part("latent")
-    def load_latent(self):
+    def load_latent(self, read=None):
         from lorasynth.models.latent import load_latent
 
         if not self.info.latent_kind:
             raise ModelError(f"model {self.path} has no latent model yet; run `lorasynth train latent`")
-        model = load_latent(self.latent_dir)
+        model = load_latent(self.latent_dir, read=read, kind=self.info.latent_kind)
         if model.layout_signature and model.layout_signature != self.info.layout_signature:
             raise ModelError("latent model was trained on another layout than this model folder")
         return model
 
     @_verified_part("hypernet")
-    def load_hypernet(self):
+    def load_hypernet(self, read=None):
         """The exported hypernetwork (plain torch: no Lightning, no diffusers)."""
         from lorasynth.models.hypernet.model import Hypernet
 
         if not self.info.has_hypernet:
             raise ModelError(f"model {self.path} has no hypernetwork yet; run `lorasynth train hypernet`")
-        return Hypernet.load(self.hypernet_dir).eval()
+        return Hypernet.load(self.hypernet_dir, read=read).eval()
 
     def model_hash(self) -> str:
         """Short sha256 over the exported weight files: provenance for synthesized LoRAs.
@@ -333,7 +367,7 @@ class SynthesisModel:
                 h.update(f"{rel}:{self.info.files[rel]}\n".encode())
             return h.hexdigest()[:16]
         for f in sorted(list(self.latent_dir.glob("*.safetensors")) + list(self.hypernet_dir.glob("*.safetensors"))):
-            h.update(f.read_bytes())
+            h.update(read_input_bytes(f, "model file", MAX_PART_BYTES, ModelError))
         return h.hexdigest()[:16]
 
     # ---------------------------------------------------------------- sharing (hub repositories)
@@ -356,32 +390,70 @@ class SynthesisModel:
         out = Path(out_dir)
         if out.resolve() == self.path.resolve():
             raise ModelError("save_pretrained needs a new folder, not the model folder itself")
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
             raise ModelError(f"{out} already exists and is not an empty folder")
         if not self.info.latent_kind:
             raise ModelError(f"model {self.path} has no latent model yet; nothing to share")
-        self.verify()
+        files = self.listed_files()
+        pack_dir = self.open_pack().path if include_pack else None
+        ensure_folder(out.parent)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            for rel in self._part_files():
-                (out / rel).parent.mkdir(exist_ok=True)
-                shutil.copyfile(self.path / rel, out / rel)
-            info = ModelInfo(**{**asdict(self.info), "pack": ""})
-            if include_pack:
-                shutil.copytree(self.open_pack().path, out / "pack")
+            digests = {rel: self._copy_listed(self.path / rel, stage / rel, self.info.files.get(rel)) for rel in files}
+            info = ModelInfo(**{**asdict(self.info), "pack": "", "files": digests})
+            if pack_dir is not None:
+                from lorasynth.library.pack import PACK_FILES
+
+                for name in PACK_FILES:
+                    if os.path.lexists(Path(pack_dir) / name):
+                        self._copy_listed(Path(pack_dir) / name, stage / "pack" / name, None)
                 info.pack = "pack"
+            shared = SynthesisModel(stage, info)
+            write_text(stage / MODEL_FILE, json.dumps(asdict(info), indent=1))
+            if eval_results is None and (self.path / "eval" / "eval.json").is_file():
+                try:
+                    eval_results = read_json(self.path / "eval" / "eval.json", error=ModelError)
+                except ModelError:
+                    eval_results = None
+            write_text(stage / "README.md", render_model_card(shared, base_model=base_model, license=license,
+                                                               eval_results=eval_results))
+            if out.is_dir():
+                out.rmdir()  # empty (checked above)
+            os.replace(stage, out)
         except OSError as e:
             raise ModelError(f"cannot write {out}: {e.strerror or e}") from None
-        shared = SynthesisModel(out, info)
-        shared.save()
-        if eval_results is None and (self.path / "eval" / "eval.json").is_file():
-            try:
-                eval_results = read_json(self.path / "eval" / "eval.json", error=ModelError)
-            except ModelError:
-                eval_results = None
-        write_text(out / "README.md", render_model_card(shared, base_model=base_model, license=license,
-                                                         eval_results=eval_results))
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
         return out
+
+    def listed_files(self) -> list[str]:
+        """The files ``lorasynth_model.json`` lists (its recorded hashes), or for folders saved before
+        hashes were recorded, the part files its ``latent_kind`` / ``has_hypernet`` name."""
+        if self.info.files:
+            outside = [rel for rel in self.info.files if rel.split("/")[0] not in PARTS]
+            if outside:
+                raise ModelError(f"{self.path / MODEL_FILE} lists {outside[0]!r}, outside {' and '.join(PARTS)}/; "
+                                 "refusing to copy it")
+            return sorted(self.info.files)
+        out = [f"latent/{self.info.latent_kind}.safetensors", f"latent/{self.info.latent_kind}.json"]
+        if self.info.has_hypernet:
+            out += ["hypernet/hypernet.safetensors", "hypernet/hypernet.json"]
+        return out
+
+    def _copy_listed(self, src: Path, dst: Path, recorded: str | None) -> str:
+        """Copy one listed file as a regular file (a link is refused, never followed); its SHA-256,
+        computed on the bytes copied and checked against ``recorded``."""
+        for folder in [p for p in src.relative_to(self.path).parents][:-1] if src.is_relative_to(self.path) else []:
+            if (self.path / folder).is_symlink():
+                raise ModelError(f"{self.path / folder}: is a symbolic link; export-model copies regular files "
+                                 "inside the model folder only")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(dst, "xb") as f:
+            digest = copy_input(src, f, "model file", ModelError, follow_links=False)
+        if recorded is not None and digest != recorded:
+            raise ModelError(f"{src} does not match the SHA-256 recorded at export: the file is damaged or was "
+                             "altered; copy or download the model again")
+        return digest
 
 
 def _looks_local(name: str) -> bool:
@@ -403,8 +475,10 @@ def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = No
         from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
     except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers
         raise ModelError(f"{name_or_path} is not a folder, and huggingface_hub is not installed to fetch it") from None
+    if revision is not None and not _safe_revision(revision):
+        raise ModelError(f"revision {revision!r} is not a branch, tag or commit name (no '..', no absolute path)"[:300])
     try:
-        return Path(snapshot_download(repo_id=name_or_path, revision=revision, cache_dir=cache_dir))
+        snapshot = Path(snapshot_download(repo_id=name_or_path, revision=revision, cache_dir=cache_dir))
     except HFValidationError:
         raise ModelError(f"{name_or_path} is neither a model folder nor a valid hub id (org/name)") from None
     except LocalEntryNotFoundError:
@@ -413,3 +487,39 @@ def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = No
     except Exception as e:  # huggingface_hub's HTTP errors (not found, gated, network)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ModelError(f"cannot fetch model {name_or_path} from the Hugging Face hub: {first}") from None
+    return check_snapshot(snapshot, name_or_path, cache_dir)
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _safe_revision(revision: str) -> bool:
+    return (isinstance(revision, str) and 0 < len(revision) <= 256 and not revision.startswith(("/", "\\"))
+            and "\\" not in revision and all(part not in ("", ".", "..") for part in revision.split("/"))
+            and revision.isprintable())
+
+
+def check_snapshot(snapshot: Path, repo_id: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Refuse a hub snapshot outside its cache: the folder ``huggingface_hub`` resolved must be
+    ``<cache>/models--org--name/snapshots/<40-hex commit>``, and stay there once links are resolved.
+
+    ``refs/main`` is a plain file in the cache; one holding ``../..`` or an absolute path would
+    otherwise make a model load from anywhere on the disk.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    cache = Path(cache_dir if cache_dir is not None else constants.HF_HUB_CACHE).expanduser()
+    snapshots = cache / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots"
+    where = f"the Hugging Face cache entry of {repo_id} ({snapshots.parent})"
+    if not _COMMIT.fullmatch(snapshot.name) or snapshot.parent != snapshots and \
+            Path(os.path.abspath(snapshot)).parent != Path(os.path.abspath(snapshots)):
+        raise ModelError(f"{where} is corrupt: its revision resolves to {str(snapshot)[:200]!r}, not a commit hash "
+                         "inside the cache (check refs/ in that folder); refusing to load it")
+    try:
+        inside = snapshot.resolve(strict=True).parent == snapshots.resolve(strict=True)
+    except (OSError, RuntimeError):
+        inside = False
+    if not inside:
+        raise ModelError(f"{where} is corrupt: snapshot {snapshot.name} is a link out of the cache; refusing to load it")
+    return snapshot

@@ -40,10 +40,9 @@ from lorasynth.errors import LorasynthError
 from lorasynth.core.safe_io import atomic_write, write_text
 from lorasynth.core.delta import delta_gram, delta_inner, factor_views
 from lorasynth.synthesis.synthesizer import SynthesisSettings, Synthesizer
+# BLEND_K / BLEND_TEMPERATURE: the blend settings tuned on validation (re-exported)
+from lorasynth.training.strategy_choice import BLEND_K, BLEND_TEMPERATURE, neighbour_table, tune_blend_table  # noqa: F401
 
-#: Settings tried when blend is tuned on validation.
-BLEND_K = (1, 2, 4, 8, 16, 32, 64)
-BLEND_TEMPERATURE = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 
 
 class LeakError(LorasynthError):
@@ -146,24 +145,35 @@ def check_isolation(syn: Synthesizer) -> dict:
         if np.abs(got_mean - mean).max() > 10 * tol or np.abs(got_scale - scale).max() > 1e-3 * np.abs(scale).max():
             raise LeakError("the latent model's standardisation statistics are not those of the training rows "
                             "(were held-out rows used to fit it?)")
-    if info.has_hypernet and len(test):
-        hyper = syn.hypernet
-        if len(hyper.landmarks):
-            e = torch.from_numpy(pack.read_embeddings(test)).float()
-            d = torch.cdist(hyper.normalize_cond(e), hyper.landmarks).min(dim=1).values
-            if bool((d < 1e-5).any()):
-                raise LeakError(f"{int((d < 1e-5).sum())} held-out embeddings are hypernetwork training conditions")
-        if len(hyper.nb_cond):  # the neighbour mean's database: unit-norm raw training embeddings
-            from lorasynth.models.hypernet.regression import unit_rows
-
-            e = unit_rows(torch.from_numpy(pack.read_embeddings(test)).float())
-            if bool(((e @ hyper.nb_cond.T).max(dim=1).values > 1 - 1e-6).any()):
-                raise LeakError("held-out embeddings are in the hypernetwork's neighbour mean")
+    if info.has_hypernet:
+        for name, rows in (("held-out", test), ("validation", val)):
+            if len(rows):
+                hypernet_conditions_exclude(syn.hypernet, pack.read_embeddings(rows), name)
     lib = syn.train_rows
     if np.isin(lib, test).any():
         raise LeakError("the neighbour library contains held-out rows")
     return {"test_persons": len(test_p), "train_rows": int(len(train)), "val_rows": int(len(val)),
             "test_rows": int(len(test)), "leaks": 0}
+
+
+def hypernet_conditions_exclude(hyper, embeddings: np.ndarray, name: str) -> None:
+    """Raise :class:`LeakError` if one of ``embeddings`` is a condition the hypernetwork was fitted on:
+    its kernel landmarks (a sample of the training rows), the neighbour mean's rows, or the local
+    covariance's rows (every training row: a leak shows even with more rows than landmarks)."""
+    from lorasynth.models.hypernet.regression import unit_rows
+
+    e = torch.from_numpy(np.asarray(embeddings, dtype=np.float32))
+    if len(hyper.landmarks):
+        d = torch.cdist(hyper.normalize_cond(e), hyper.landmarks).min(dim=1).values
+        if bool((d < 1e-5).any()):
+            raise LeakError(f"{int((d < 1e-5).sum())} {name} embeddings are hypernetwork training conditions")
+    u = unit_rows(e)
+    for what, db in (("neighbour mean", hyper.nb_cond), ("residual covariance", hyper.cov_cond)):
+        if len(db):  # unit-norm raw training embeddings
+            hit = torch.cat([(u[i : i + 1024] @ db.T).max(dim=1).values for i in range(0, len(u), 1024)])
+            if bool((hit > 1 - 1e-6).any()):
+                raise LeakError(f"{int((hit > 1 - 1e-6).sum())} {name} embeddings are hypernetwork training "
+                                f"conditions (its {what})")
 
 
 # --------------------------------------------------------------------------- the evaluation
@@ -176,15 +186,8 @@ def _unit(e: np.ndarray) -> np.ndarray:
 
 def _neighbour_table(syn: Synthesizer, rows: np.ndarray, kmax: int):
     """Per row: top-kmax training neighbours' sims, their Gram matrix and inner products with the truth."""
-    layout, pack = syn.layout, syn.pack
-    cond = _unit(pack.read_embeddings(rows))
-    nb, sims = syn.neighbours(cond, kmax)
-    truth = pack.read_rows(rows)
-    grams, inner = [], []
-    for t in range(len(rows)):
-        v = pack.read_rows(nb[t])
-        grams.append(delta_gram(layout, v, v))
-        inner.append(delta_gram(layout, v, truth[t : t + 1])[:, 0])
+    sims, grams, inner, _ = neighbour_table(syn.layout, syn.pack, syn.train_rows, rows, kmax,
+                                            lib_unit=torch.from_numpy(syn.library_embeddings()))
     return sims, grams, inner
 
 
@@ -202,12 +205,7 @@ def tune_blend(syn: Synthesizer, val_rows: np.ndarray) -> tuple[dict, dict]:
     truth = syn.pack.read_rows(val_rows)
     tt = _self_inner(syn.layout, truth)
     sims, grams, inner = _neighbour_table(syn, val_rows, max(BLEND_K))
-    grid = {}
-    for k in BLEND_K:
-        for tau in BLEND_TEMPERATURE if k > 1 else (1.0,):
-            grid[(k, tau)] = _blend_score(sims, grams, inner, tt, min(k, sims.shape[1]), tau, syn)["delta_cosine_mean"]
-    (k, tau), best = max(grid.items(), key=lambda kv: kv[1])
-    return {"k": k, "temperature": tau, "validation_delta_cosine": best}, {f"k={a},t={b:g}": v for (a, b), v in grid.items()}
+    return tune_blend_table(sims, grams, inner, tt)
 
 
 def regression_baseline(syn: Synthesizer, test_rows: np.ndarray):
@@ -374,7 +372,7 @@ def evaluate(syn: Synthesizer, strategies=("diffusion", "blend", "nearest"), max
     comparing designs without looking at the test people; the blend tuned on them is then
     optimistic, the other strategies are as held-out as on test).
     """
-    s = settings or SynthesisSettings()
+    s = syn.resolve(settings or SynthesisSettings())  # the blend's k and temperature: the model's by default
     layout, pack = syn.layout, syn.pack
     test, isolation = _eval_rows(syn, split, max_items)
     val = np.asarray(syn.model.info.val_ids, dtype=np.int64)
@@ -383,7 +381,7 @@ def evaluate(syn: Synthesizer, strategies=("diffusion", "blend", "nearest"), max
     tt = _self_inner(layout, truth)
     results: dict = {"split": split, "heldout": int(len(test)), "train": int(len(syn.train_rows)), "validation": int(len(val)),
                      "layout": layout.signature, "embedder": syn.model.info.embedder, "isolation": isolation,
-                     "strategies": {}}
+                     "default_strategy": syn.model_defaults().get("strategy", "diffusion"), "strategies": {}}
     results["strategies"]["mean_lora"] = _mean_lora_scores(syn, truth, tt)
     _neighbour_strategies(syn, strategies, test, val, tt, s, tune, results)
     if tune:

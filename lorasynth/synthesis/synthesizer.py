@@ -24,38 +24,60 @@ import torch
 
 from lorasynth import __version__
 from lorasynth.core.blending import blend as blend_loras
-from lorasynth.errors import LorasynthError, ModelError
+from lorasynth.core.numbers import parse_float, parse_int
+from lorasynth.errors import InputError, LorasynthError, ModelError
 from lorasynth.formats import save_lora, synthesized_metadata
 from lorasynth.core.lora import LoRA
+from lorasynth.models.hypernet.model import MAX_GUIDANCE, MAX_STEPS
 from lorasynth.models.hypernet.regression import cosine_top_k, softmax_weights
 from lorasynth.models.latent import decode_rows
 from lorasynth.models.model_folder import SynthesisModel
 
 STRATEGIES = ("diffusion", "blend", "nearest", "sample")
+#: The default strategy: the model's (``hypernet.json``'s ``defaults.strategy``, chosen on validation
+#: people by ``train hypernet``), else ``diffusion``; with ``average`` or ``samples > 1``, diffusion.
+AUTO = "auto"
+#: Blend settings when neither the caller nor the model gives them.
+BLEND_K, BLEND_TEMPERATURE = 8, 0.05
 MAX_SAMPLES = 256  # LoRAs one call may write (each is a file of a few MB)
 
 
 @dataclass
 class SynthesisSettings:
-    strategy: str = "diffusion"
+    strategy: str = AUTO  # "auto": the model's default strategy (Synthesizer.resolve)
     guidance: float | None = None  # None: the hypernetwork's recorded default
     steps: int | None = None
     seed: int = 0
     samples: int = 1
-    k: int = 8  # blend: neighbours
-    temperature: float = 0.05  # blend: softmax temperature on cosine similarity
+    k: int | None = None  # blend: neighbours (None: the model's, chosen on validation; else BLEND_K)
+    temperature: float | None = None  # blend: softmax temperature on cosine similarity (None: the model's)
     # diffusion: ONE LoRA. samples=1: the model's expected delta W for the face, in closed form
     # (Hypernet.expected_latents; the limit of the mean of N samples); samples=N: the exact mean of N
     average: bool = False
     average_rank: int = 32  # rank of the expected-delta-W LoRA (optimal SVD truncation, error recorded)
 
     def validate(self) -> None:
-        if self.strategy not in STRATEGIES:
+        """Every knob's type and range, the same rule for the CLI, the Python API, the server and ComfyUI
+        (:mod:`lorasynth.core.numbers`): one InputError line, never a NaN LoRA or a silent clamp.
+
+        guidance 0..50 (``MAX_GUIDANCE``), steps 1..1000 (``MAX_STEPS``), seed 0..2**63-1, samples
+        1..256, k >= 1, temperature > 0, average_rank >= 1. Values are normalized in place (ints, floats).
+        """
+        if self.strategy not in STRATEGIES and self.strategy != AUTO:
             raise LorasynthError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if self.samples < 1 or self.k < 1 or self.temperature <= 0 or self.average_rank < 1:
-            raise LorasynthError("samples, k and average_rank must be >= 1 and temperature > 0")
+        if self.guidance is not None:
+            self.guidance = parse_float(self.guidance, "guidance", minimum=0.0, maximum=MAX_GUIDANCE)
+        if self.steps is not None:
+            self.steps = parse_int(self.steps, "steps", minimum=1, maximum=MAX_STEPS)
+        self.seed = parse_int(self.seed, "seed", minimum=0)
+        self.samples = parse_int(self.samples, "samples", minimum=1, maximum=None)
         if self.samples > MAX_SAMPLES:
-            raise LorasynthError(f"--samples {self.samples} is more than {MAX_SAMPLES} at once; run several seeds instead")
+            raise InputError(f"--samples {self.samples} is more than {MAX_SAMPLES} at once; run several seeds instead")
+        if self.k is not None:
+            self.k = parse_int(self.k, "k", minimum=1)
+        if self.temperature is not None:
+            self.temperature = parse_float(self.temperature, "temperature", above=0.0)
+        self.average_rank = parse_int(self.average_rank, "average_rank", minimum=1)
 
 
 @dataclass
@@ -83,6 +105,8 @@ class Synthesizer:
         self._pack_override = pack
         self._model_root = model_root
         self._pack = self._latent = self._hypernet = self._embedder = None
+        self._defaults: dict | None = None
+        self._expected_delta = None  # synthesis.expected.ExpectedDelta, built on the first --average
         self._lib_emb = None
         self._hash = None
 
@@ -98,16 +122,19 @@ class Synthesizer:
         return cls(SynthesisModel.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir),
                    pack=pack, model_root=model_root)
 
-    def __call__(self, photo=None, *, embedding=None, strategy: str = "diffusion", seed: int = 0,
-                 guidance: float | None = None, steps: int | None = None, k: int = 8, temperature: float = 0.05,
+    def __call__(self, photo=None, *, embedding=None, strategy: str = AUTO, seed: int = 0,
+                 guidance: float | None = None, steps: int | None = None, k: int | None = None,
+                 temperature: float | None = None,
                  face_index: int | None = None, average: bool = False) -> LoRA:
         """One LoRA for a face ``photo`` (path, PIL image or RGB array) or a face ``embedding``.
 
         ``average=True`` (diffusion): the model's expected delta W for the face (fidelity) instead
         of one sample (variety: try several seeds).
 
-        ``strategy``: ``"diffusion"`` (default), ``"blend"`` (top-``k`` library neighbours),
-        ``"nearest"``, or ``"sample"`` (a new identity; no photo). The LoRA's ``metadata`` holds
+        ``strategy``: ``"auto"`` (default: the model's default strategy, one diffusion sample unless
+        ``train hypernet`` found a better one on validation people), ``"diffusion"`` (one sample),
+        ``"blend"`` (top-``k`` library neighbours; ``k`` and ``temperature`` default to the model's,
+        chosen on validation), ``"nearest"``, or ``"sample"`` (a new identity; no photo). The LoRA's ``metadata`` holds
         its provenance (``lorasynth.strategy``, ``lorasynth.seed``, ``lorasynth.model_hash``...).
 
         >>> lora = syn("me.jpg", seed=0)                      # doctest: +SKIP
@@ -165,6 +192,36 @@ class Synthesizer:
             self._lib_emb = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
         return self._lib_emb
 
+    def model_defaults(self) -> dict:
+        """The model's ``defaults`` (``hypernet.json``, written by ``train hypernet``): ``strategy`` and
+        ``blend`` (``k``, ``temperature``) chosen on validation people; ``{}`` for older models."""
+        if self._defaults is None:
+            self._defaults = {}
+            path = self.model.hypernet_dir / "hypernet.json"
+            if self.model.info.has_hypernet and path.is_file():
+                from lorasynth.core.safe_io import read_json
+
+                meta = read_json(path, "hypernetwork config", error=ModelError)
+                d = meta.get("defaults") if isinstance(meta, dict) else None
+                if isinstance(d, dict):
+                    self._defaults = check_defaults(d, path)
+        return self._defaults
+
+    def resolve(self, s: SynthesisSettings) -> SynthesisSettings:
+        """``s`` with ``auto`` and unset blend settings replaced by the model's defaults (a copy)."""
+        from dataclasses import replace
+
+        d = self.model_defaults()
+        blend = d.get("blend", {})
+        k = s.k if s.k is not None else blend.get("k", BLEND_K)
+        temperature = s.temperature if s.temperature is not None else blend.get("temperature", BLEND_TEMPERATURE)
+        strategy, average = s.strategy, s.average
+        if strategy == AUTO:
+            strategy = d.get("strategy", "diffusion") if not (s.average or s.samples > 1) else "diffusion"
+            if strategy == "average":
+                strategy, average = "diffusion", True
+        return replace(s, strategy=strategy, average=average, k=int(k), temperature=float(temperature))
+
     # ---------------------------------------------------------------- faces
     def embed_photo(self, photo, face_index: int | None = None):
         """``(embedding, FaceSelection)`` with the model's embedder."""
@@ -211,6 +268,7 @@ class Synthesizer:
         """LoRAs for one face embedding (or new identities with strategy ``sample``)."""
         s = settings or SynthesisSettings()
         s.validate()
+        s = self.resolve(s)
         prov = {
             "lorasynth.version": __version__,
             "lorasynth.strategy": s.strategy,
@@ -236,7 +294,8 @@ class Synthesizer:
             z = self.diffusion_latents(e, s)
             g = s.guidance if s.guidance is not None else self.hypernet.sampling_defaults.get("guidance")
             prov["lorasynth.guidance"] = str(g)
-            prov["lorasynth.steps"] = str(s.steps or self.hypernet.sampling_defaults.get("num_steps"))
+            steps = s.steps or self.hypernet.sampling_defaults.get("num_steps")
+            prov["lorasynth.steps"] = str(len(self.hypernet.timesteps(int(steps))))  # the steps that ran
             results = self._from_latents(z, prov, t0)
             if s.average and len(results) > 1:
                 return [self._average(results, prov)]
@@ -261,16 +320,25 @@ class Synthesizer:
     def _expected(self, e: np.ndarray, s: SynthesisSettings, prov: dict, t0: float) -> Synthesized:
         """One LoRA: the model's expected delta W for the face (exact mean over sigma points, then the
         optimal rank-``average_rank`` truncation; its relative error is in the metadata)."""
-        z = self.hypernet.expected_latents(torch.from_numpy(np.atleast_2d(e)).float())
-        t1 = time.perf_counter()
-        loras = [self.layout.unflatten(torch.from_numpy(v)) for v in self.decode(z)]
-        n = len(loras)
-        lora, report = blend_loras(loras, [1.0 / n] * n, rank=s.average_rank)
-        # exact for an affine decoder (PCA: delta W is quadratic in the latent); an unscented
-        # approximation through a VAE's nonlinear decoder
-        exact = "exact" if self.model.info.latent_kind == "pca" else "unscented approximation (VAE decoder)"
-        meta = dict(prov, **{"lorasynth.average_of": "expectation", "lorasynth.expectation": exact,
-                             "lorasynth.sigma_points": str(n),
+        cond = torch.from_numpy(np.atleast_2d(e)).float()
+        if self.model.info.latent_kind == "pca":
+            # exact for an affine decoder: delta W is quadratic in the latent, so its expectation is
+            # B(mu) A(mu) plus the covariance term, computed in factor space (synthesis.expected)
+            if self._expected_delta is None:
+                from lorasynth.synthesis.expected import ExpectedDelta
+
+                self._expected_delta = ExpectedDelta(self.latent, self.hypernet, self.layout)
+            t1 = time.perf_counter()
+            lora, report = self._expected_delta.lora(cond, s.average_rank)
+            extra = {"lorasynth.expectation": "exact", "lorasynth.expectation_tail": f"{report.tail:.3g}"}
+        else:  # an unscented approximation through a VAE's nonlinear decoder: 2m sigma points
+            z = self.hypernet.expected_latents(cond)
+            t1 = time.perf_counter()
+            loras = [self.layout.unflatten(torch.from_numpy(v)) for v in self.decode(z)]
+            n = len(loras)
+            lora, report = blend_loras(loras, [1.0 / n] * n, rank=s.average_rank)
+            extra = {"lorasynth.expectation": "unscented approximation (VAE decoder)", "lorasynth.sigma_points": str(n)}
+        meta = dict(prov, **{"lorasynth.average_of": "expectation", **extra,
                              "lorasynth.average_rank": str(report.rank),
                              "lorasynth.average_rank_error": f"{report.overall_error:.3g}"})
         lora.metadata.update(meta)
@@ -296,6 +364,20 @@ class Synthesizer:
             lora.metadata.update(meta)
             out.append(Synthesized(lora, meta, v, {"sampling_s": t1 - t0, "decoding_s": t2 - t1}))
         return out
+
+
+def check_defaults(d: dict, path) -> dict:
+    """A ``defaults`` object of ``hypernet.json`` checked (a model folder is untrusted input)."""
+    strategy = d.get("strategy", "diffusion")
+    blend = d.get("blend", {})
+    ok = strategy in ("diffusion", "average", "blend", "nearest") and isinstance(blend, dict)
+    k, t = blend.get("k", BLEND_K) if ok else None, blend.get("temperature", BLEND_TEMPERATURE) if ok else None
+    ok = ok and isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= 4096 and \
+        isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < 1e6
+    if not ok:
+        raise ModelError(f"{path}: 'defaults' must name a strategy of diffusion, average, blend, nearest and a blend "
+                         "with an integer k >= 1 and a temperature > 0")
+    return {"strategy": strategy, "blend": {"k": k, "temperature": float(t)}}
 
 
 def write_synthesized(result: Synthesized, path: str | Path, fmt: str = "kohya") -> Path:

@@ -11,6 +11,8 @@ finds the files on any rank.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -24,9 +26,10 @@ def train_latent(model: SynthesisModel, kind: str = "pca", latent_dim: int = 512
                  vae_overrides: dict | None = None, resume: bool = False):
     """Fit the latent model on the model's training rows and export it to ``MODEL/latent``.
 
-    A VAE is compared with PCA of the same size on the validation people (``model.info
-    .latent_report``-style dict returned as ``latent.comparison``): on planted worlds PCA
-    reconstructs held-out LoRAs better, which is why ``pca`` is the default.
+    A VAE is compared with PCA of the same size (what ``kind="pca"`` fits) on the validation people
+    (returned as ``latent.comparison``). The default VAE (``arch="pca_residual"``) starts as that PCA and
+    keeps its nonlinear residual only where it reconstructs the validation people better, so it is never
+    below PCA there; ``pca`` stays the default kind (see README "Quality").
     """
     pack = model.open_pack()
     train_idx = np.asarray(model.info.train_ids)
@@ -39,18 +42,21 @@ def train_latent(model: SynthesisModel, kind: str = "pca", latent_dim: int = 512
     elif kind == "vae":
         from lorasynth.training.latent import VAEConfig, train_vae
 
-        cfg = VAEConfig(latent_dim=latent_dim, **(vae_overrides or {}))
+        cfg = VAEConfig(**{"latent_dim": latent_dim, **(vae_overrides or {})})
+        if cfg.arch == "pca_residual":  # equal size: the latent is the PCA's k
+            cfg = dataclasses.replace(cfg, latent_dim=k)
         latent = train_vae(pack, model.train_dir("vae"), cfg, train_cfg or TrainConfig(), train_idx=train_idx,
                            val_idx=val if len(val) else None, resume=resume)
         if len(val):
             from lorasynth.models.latent import reconstruction_cosine
 
-            pca = fit_pca(pack, k, idx=train_idx, exact_max_bytes=0)
+            pca = fit_pca(pack, k, idx=train_idx)  # the model `--kind pca` would fit
             latent.comparison = {
                 "validation_rows": int(len(val)),
                 "vae_reconstruction_delta_cosine": reconstruction_cosine(latent, pack, val, metric="delta"),
                 "pca_reconstruction_delta_cosine": reconstruction_cosine(pca, pack, val, metric="delta"),
-                "pca_latent_dim": k,
+                "pca_latent_dim": k, "vae_latent_dim": latent.latent_dim, "arch": cfg.arch,
+                "residual_used": (latent.selection or {}).get("residual_used"),
             }
     else:
         raise ModelError(f"unknown latent model kind {kind!r}; use vae or pca")
@@ -120,13 +126,17 @@ def look_alike_spread_of(z: torch.Tensor, cond: torch.Tensor, val_z: torch.Tenso
 
 
 def train_hypernet(model: SynthesisModel, train_cfg: TrainConfig | None = None, overrides: dict | None = None,
-                   resume: bool = False, calibrate: bool = True):
+                   resume: bool = False, calibrate: bool = True, choose_default: bool | None = None):
     """Encode the rows with the latent model, fit the mean, train the residual diffusion, calibrate
-    the sampler on the validation people, export. Returns the trained LightningModule."""
+    the sampler on the validation people, choose the default strategy and the blend's ``(k, τ)`` on
+    them (:mod:`lorasynth.training.strategy_choice`; ``choose_default`` defaults to ``calibrate``),
+    export. Returns the trained LightningModule; ``net.notes`` holds one line per thing the user
+    should know (a calibration that fell back, a default strategy other than one sample)."""
     from lorasynth.training.hypernet import HypernetDiffusion, calibrate_sampling
     from lorasynth.models.hypernet.model import HypernetConfig
     from lorasynth.training.lightning import fit
 
+    choose_default = calibrate if choose_default is None else choose_default
     pack = model.open_pack()
     if pack.embed_dim == 0:
         raise ModelError(f"pack {pack.path} has no face embeddings: the hypernetwork needs them as conditions")
@@ -150,7 +160,7 @@ def train_hypernet(model: SynthesisModel, train_cfg: TrainConfig | None = None, 
     loader = net.train_dataloader_for(batch, cfg.max_steps, cfg.seed)
     fit(net, loader, model.train_dir("hypernet"), cfg, resume=resume)
     net.eval()
-    net.calibration = {}
+    net.calibration, net.defaults, net.notes = {}, None, []  # notes: one line each, for `train hypernet` to print
     model.info.has_hypernet = True
     if is_global_zero():  # calibration and export on rank 0 alone; the others wait at the barrier
         hyper = net.hypernet()
@@ -159,8 +169,19 @@ def train_hypernet(model: SynthesisModel, train_cfg: TrainConfig | None = None, 
             spread = look_alike_spread_of(z, cond, val[0], val[1], cosines) if len(val[0]) >= 20 else None
             net.calibration = calibrate_sampling(hyper, val[0], val[1], seed=cfg.seed, energy=energy,
                                                  pairwise=cosines, spread=spread)
-        hyper.export(model.hypernet_dir, extra={"mean": net.mean_report, "calibration": net.calibration,
-                                                "covariance": net.cov_report, "residual_pairs": net.pair_report})
+            fell_back = (net.calibration.get("achieved") or {}).get("fell_back")
+            if fell_back:
+                net.notes.append(f"temperature calibration fell back: {fell_back}")
+        extra = {"mean": net.mean_report, "calibration": net.calibration, "covariance": net.cov_report,
+                 "residual_pairs": net.pair_report}
+        if choose_default and len(val_idx):
+            from lorasynth.training.strategy_choice import choose_default_strategy
+
+            net.defaults = choose_default_strategy(pack.layout, pack, latent, hyper, train_idx, val_idx, seed=cfg.seed)
+            net.notes.extend(net.defaults["notes"])
+            extra["defaults"] = net.defaults
+        extra["notes"] = net.notes
+        hyper.export(model.hypernet_dir, extra=extra)
         model.save()
     barrier()
     return net

@@ -56,17 +56,22 @@ TINY_WIDTH = 32
 TINY_CONTEXT = 32
 
 
-def tiny_layout(rank: int = 1) -> Layout:
-    """The w2w-style layout for the tiny test UNet: 3 blocks x to_q/to_v of attn1/attn2.
+#: Every attention projection (the "all attention" module set of the world panel).
+ATTENTION_TARGETS = tuple(f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0"))
+
+
+def tiny_layout(rank: int = 1, targets: tuple[str, ...] = W2W_TARGETS) -> Layout:
+    """The w2w-style layout for the tiny test UNet: 3 blocks x to_q/to_v of attn1/attn2
+    (``targets``: another module set, e.g. :data:`ATTENTION_TARGETS`).
 
     12 modules of 32x32, rank 1 by default: ``D = 768``.
     """
     shapes: dict[str, tuple[int, ...]] = {}
     for block in TINY_BLOCKS:
-        for target in W2W_TARGETS:
-            in_features = TINY_CONTEXT if target == "attn2.to_v" else TINY_WIDTH
+        for target in targets:
+            in_features = TINY_CONTEXT if target in ("attn2.to_k", "attn2.to_v") else TINY_WIDTH
             shapes[f"unet.{block}.transformer_blocks.0.{target}"] = (TINY_WIDTH, in_features)
-    return Layout.for_targets(shapes, W2W_TARGETS, rank=rank)
+    return Layout.for_targets(shapes, targets, rank=rank)
 
 
 @dataclass
@@ -123,6 +128,7 @@ class SyntheticWorldConfig:
     hidden_factors: int = 0
     visible_fraction: float = 1.0
     loras_per_person: int = 1
+    bounded: bool = True  # False: the factor maps' activation is unbounded (x (1 + 0.3 |x|)) instead of tanh
 
     def __post_init__(self) -> None:
         if not 0.0 < self.visible_fraction <= 1.0:
@@ -141,6 +147,11 @@ class SyntheticWorldConfig:
     def hard(self) -> bool:
         """A world with hidden factors or several LoRAs per person (the quality grid's kind)."""
         return self.hidden_factors > 0 or self.loras_per_person > 1
+
+
+def activation(bounded: bool):
+    """The factor maps' nonlinearity: ``tanh`` (bounded), or ``x (1 + 0.3 |x|)`` (unbounded, monotone)."""
+    return np.tanh if bounded else (lambda x: x * (1 + 0.3 * np.abs(x)))
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -221,8 +232,9 @@ class SyntheticWorld:
 
     # ---------------------------------------------------------------- rows
     def _visible_codes(self, z: np.ndarray) -> np.ndarray:
-        h = np.tanh(z @ self._w1 + self._b1)
-        return np.tanh(h @ self._w2 + self._b2)
+        act = activation(self.config.bounded)
+        h = act(z @ self._w1 + self._b1)
+        return act(h @ self._w2 + self._b2)
 
     def _codes_from(self, z_vis: np.ndarray, z_hid: np.ndarray | None) -> np.ndarray:
         """Per-module codes ``(n, M, q)`` from visible (and hidden) factors."""
@@ -231,7 +243,8 @@ class SyntheticWorld:
             w1, b1, w2, b2 = self._hidden_maps
             mu_v, sd_v, mu_h, sd_h, typical = self._code_stats
             f = self.config.visible_fraction
-            ch = np.tanh(np.tanh(z_hid @ w1 + b1) @ w2 + b2)
+            act = activation(self.config.bounded)
+            ch = act(act(z_hid @ w1 + b1) @ w2 + b2)
             c = mu_v + typical * (math.sqrt(f) * (c - mu_v) / sd_v + math.sqrt(1 - f) * (ch - mu_h) / sd_h)
         return c.reshape(len(c), len(self._modules), self.config.codes_per_module)
 
@@ -365,7 +378,8 @@ def make_world(cfg: SyntheticWorldConfig) -> SyntheticWorld:
         world._hidden_maps = (hw1, hb1, hw2, hb2)
         ref = _rng(cfg.seed, _HIDDEN, 1)  # fixed code statistics, independent of N
         cv = world._visible_codes(ref.standard_normal((4096, k)))
-        ch = np.tanh(np.tanh(ref.standard_normal((4096, h)) @ hw1 + hb1) @ hw2 + hb2)
+        act = activation(cfg.bounded)
+        ch = act(act(ref.standard_normal((4096, h)) @ hw1 + hb1) @ hw2 + hb2)
         sd_v, sd_h = cv.std(0) + 1e-6, ch.std(0) + 1e-6
         world._code_stats = (cv.mean(0), sd_v, ch.mean(0), sd_h, float(sd_v.mean()))
         world.hidden = _rng(cfg.seed, _HIDDEN, 2).standard_normal((cfg.n_identities, h))

@@ -1,16 +1,11 @@
 """The web app in a real browser: Playwright driving Debian's headless Chromium.
 
-One uvicorn server (tiny base + library + model) and one browser per module. The browser is
-the system package (``apt-get install chromium``; ``.ci/run`` installs it when missing):
-Playwright's own browser download cannot work offline.
+One uvicorn server (tiny base + library + model) and one browser per module (``tests/web_helpers.py``).
+The browser is the system package (``apt-get install chromium``; ``.ci/run`` installs it when missing):
+Playwright's own browser download cannot work offline. The other flows: ``test_web_*.py``.
 """
 
 from __future__ import annotations
-
-import os
-import shutil
-import threading
-import time
 
 import httpx
 import pytest
@@ -18,56 +13,20 @@ from PIL import Image
 
 from helpers import max_delta_diff
 
-from lorasynth.apps.server import ServerConfig, create_app
-from server_helpers import astronaut_png_bytes, load_tiny_lora, shared_server_world
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+from server_helpers import astronaut_png_bytes, load_tiny_lora
+from web_helpers import browser_context, open_page, running_server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import uvicorn
-
-    from lorasynth.apps.cli.serve import bind_socket
-
-    world = shared_server_world(tmp_path_factory)
-    app = create_app(ServerConfig(model=str(world["model"]), base=str(world["base"]), library=str(world["library"])))
-    sock = bind_socket("127.0.0.1", 0)
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 120
-    while not srv.started:
-        assert thread.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv.should_exit = True
-    thread.join(30)
-    sock.close()
+    with running_server(tmp_path_factory) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def page(server, tmp_path_factory):
-    from playwright.sync_api import sync_playwright
-
-    if not CHROMIUM:
-        # CI (.ci/run) installs chromium and sets LORASYNTH_REQUIRE_BROWSER=1, so there a missing browser fails
-        if os.environ.get("LORASYNTH_REQUIRE_BROWSER") == "1":
-            pytest.fail("Debian's chromium is not installed (apt-get install -y chromium)")
-        pytest.skip("browser test skipped: Debian's chromium is not installed (apt-get install -y chromium; .ci/run does)")
-    profile = tmp_path_factory.mktemp("chromium_profile")
-    with sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS, accept_downloads=True,
-            viewport={"width": 1280, "height": 860})
-        pg = context.new_page()
-        pg.set_default_timeout(60_000)
-        pg.goto(server + "/")
-        pg.wait_for_selector("body[data-ready='1']")
-        yield pg
-        context.close()
+    with browser_context(tmp_path_factory) as context:
+        yield open_page(context, server)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +51,11 @@ def test_photo_to_lora_download_blend_and_preview(page, server, astro_png, tmp_p
     page.click("#synthesize")
     card = page.wait_for_selector(".card.result")
     lora_id = card.get_attribute("data-id")
+    assert page.inner_text(".card.result .result-title") == "astronaut.png · face 0 · diffusion · seed 3"
+    # provenance: one summary line, the raw JSON one click away
+    assert not page.is_visible(".card.result .provenance")
+    assert page.inner_text(".card.result summary").startswith("provenance: diffusion · model ")
+    page.click(".card.result summary")
     assert "lorasynth.strategy" in page.inner_text(".card.result .provenance")
     with page.expect_download() as dl:
         page.click(".card.result a.download-link")
@@ -112,7 +76,7 @@ def test_photo_to_lora_download_blend_and_preview(page, server, astro_png, tmp_p
     page.fill(preview + ".steps", "100")
     page.select_option(preview + ".size", "256")
     page.click(preview + ".generate")
-    page.wait_for_function(f"/^step [1-9]\\d*\\/100$/.test(document.querySelector('{preview}.gen-status').textContent)")
+    page.wait_for_function(f"/^step [1-9]\\d*\\/100 · .*about \\d+ s left$/.test(document.querySelector('{preview}.gen-status').textContent)")
     assert int(page.get_attribute(preview + ".gen-progress", "max")) == 100
     page.click(preview + ".cancel")
     page.wait_for_function(f"document.querySelector('{preview}.gen-status').textContent === 'cancelled'")
@@ -166,6 +130,5 @@ def test_photo_to_lora_download_blend_and_preview(page, server, astro_png, tmp_p
     shot = tmp_path / "webapp.png"
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000
-    if os.environ.get("LORASYNTH_WEBAPP_SCREENSHOT"):  # how README's docs/webapp.png is made
-        Image.open(shot).convert("RGB").quantize(128).save(os.environ["LORASYNTH_WEBAPP_SCREENSHOT"], optimize=True)
     assert not page.locator("#banner:not([hidden])").count(), page.inner_text("#banner")
+    assert page.js_errors == []

@@ -61,7 +61,7 @@ def test_convert_and_blend(two_loras, tmp_path, capsys):
 @pytest.mark.parametrize("argv,msg", [
     (["inspect", "/no/such.safetensors"], "no such file"),
     (["blend", "x.safetensors", "-o", "o.safetensors"], "expected FILE=WEIGHT"),
-    (["blend", "x.safetensors=abc", "-o", "o.safetensors"], "not a number"),
+    (["blend", "x.safetensors=abc", "-o", "o.safetensors"], "must be a finite number"),
 ])
 def test_user_errors_are_one_line(argv, msg, capsys):
     assert main(argv) == 2

@@ -33,6 +33,8 @@ from lorasynth.synthesis.synthesizer import SynthesisSettings, Synthesizer
 from server_helpers import astronaut_png_bytes, load_tiny_lora, shared_server_world
 
 REPO = Path(__file__).resolve().parents[2]
+#: The test client addresses the server by a name it is bound to (the Host check refuses "testserver").
+BASE = "http://127.0.0.1:7860"
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def backend(cfg):
 
 @pytest.fixture(scope="module")
 def client(cfg, backend):
-    with TestClient(create_app(cfg, backend)) as c:  # runs the lifespan: warm-up + generation worker
+    with TestClient(create_app(cfg, backend), base_url=BASE) as c:  # runs the lifespan: warm-up + generation worker
         yield c
 
 
@@ -108,7 +110,7 @@ def test_info_reports_capabilities(client):
     assert info["embedder"] == "dlib" and info["embed_dim"] == 128
     assert info["has_base"] and info["has_library"] and info["base_is_random_weights"]
     assert "kohya" in info["formats"] and "diffusers" in info["formats"]
-    assert info["strategies"] == ["diffusion", "blend", "nearest"]
+    assert info["strategies"] == ["diffusion", "average", "blend", "nearest", "sample"]
     assert info["trigger_prompt"] == "a photo of sks person"
 
 
@@ -226,7 +228,7 @@ def test_generate_reports_progress_and_the_png_carries_its_parameters(client, as
 def test_queue_is_bounded_and_jobs_cancel(cfg, backend, astro):
     # no `with`: the lifespan does not run, so no worker takes jobs and the queue fills deterministically
     app = create_app(ServerConfig(**{**cfg.__dict__, "queue_size": 2, "warm_up": False}), backend)
-    c = TestClient(app)
+    c = TestClient(app, base_url=BASE)
     body = {"steps": 2, "width": 64, "height": 64}
     first, second = (c.post("/api/generate", json=body) for _ in range(2))
     assert first.status_code == second.status_code == 202
@@ -303,7 +305,7 @@ def test_latent_map_points_and_marks_are_one_projection(backend):
 
 def test_without_base_or_library_the_features_say_how_to_enable_them(world, backend):
     bare = Backend(ServerConfig(model=str(world["model"])))
-    c = TestClient(create_app(ServerConfig(model=str(world["model"]), warm_up=False), bare))
+    c = TestClient(create_app(ServerConfig(model=str(world["model"]), warm_up=False), bare), base_url=BASE)
     assert c.get("/api/info").json()["has_base"] is False
     r = c.post("/api/generate", json={})
     assert r.status_code == 404 and "--base" in r.json()["error"]
@@ -334,7 +336,7 @@ BAD_REQUESTS = {
     "embedding of dicts": ("post", "/api/synthesize", {"data": {"embedding": '[{"a": 1}]'}}, 422),
     "embedding nested": ("post", "/api/synthesize", {"data": {"embedding": "[[1, 2], [3, 4]]"}}, 422),
     "embedding wrong size": ("post", "/api/synthesize", {"data": {"embedding": "[0.1, 0.2]"}}, 400),
-    "embedding NaN": ("post", "/api/synthesize", {"data": {"embedding": json.dumps([float("nan")] * 128)}}, 400),
+    "embedding NaN": ("post", "/api/synthesize", {"data": {"embedding": json.dumps([float("nan")] * 128)}}, 422),
     "unknown strategy": ("post", "/api/synthesize", {"data": {"embedding": "EMB", "strategy": "magic"}}, 400),
     "too many samples": ("post", "/api/synthesize", {"data": {"embedding": "EMB", "samples": "1000"}}, 422),
     "seed not a number": ("post", "/api/synthesize", {"data": {"embedding": "EMB", "seed": "abc"}}, 422),
@@ -402,7 +404,7 @@ def test_bad_input_gets_a_4xx_json_error(client, bad_inputs, case):
 
 def test_upload_limits_in_bytes_and_pixels(cfg, backend, astro):
     small = TestClient(create_app(ServerConfig(**{**cfg.__dict__, "max_upload_bytes": 20_000, "max_pixels": 10_000,
-                                                 "warm_up": False}), backend))
+                                                 "warm_up": False}), backend), base_url=BASE)
     big = small.post("/api/faces", files=upload(astro))
     assert big.status_code == 413 and "larger than 20000 bytes" in big.json()["error"]
     tiny_png = png_bytes(np.zeros((200, 200, 3), np.uint8))  # 40,000 px > 10,000
@@ -411,10 +413,12 @@ def test_upload_limits_in_bytes_and_pixels(cfg, backend, astro):
 
 
 def test_a_loopback_server_answers_only_loopback_host_names(client):
+    """Exact matching: a bound name and the listening port (more cases: test_server_hardening.py)."""
     assert client.get("/api/info", headers={"host": "localhost:7860"}).status_code == 200
     assert client.get("/api/info", headers={"host": "[::1]:7860"}).status_code == 200
-    evil = client.get("/api/info", headers={"host": "evil.example:7860"})
-    assert evil.status_code == 400 and "127.0.0.1" in evil.json()["error"]
+    for host in ("evil.example:7860", "localhost:7860@evil.com", "localhost:evil", "testserver", "localhost:7861"):
+        evil = client.get("/api/info", headers={"host": host})
+        assert evil.status_code == 400 and "127.0.0.1" in evil.json()["error"], host
 
 
 # ---------------------------------------------------------------------------- the command

@@ -199,7 +199,7 @@ CONSUMER_FUNCS = {"diffusers": via_diffusers, "peft": via_peft, "lorasynth": via
 def base_pipe(tiny_pipeline_dir):
     from lorasynth.runtime.pipeline import load_pipeline
 
-    return load_pipeline(str(tiny_pipeline_dir))
+    return load_pipeline(str(tiny_pipeline_dir), dtype="fp32")
 
 
 @pytest.fixture(scope="module")

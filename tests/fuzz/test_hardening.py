@@ -25,10 +25,14 @@ NAMES = [f"{ATTN}.attn1.to_q", f"{ATTN}.attn2.to_v"]
 def test_permission_error_is_one_line(tmp_path, monkeypatch):
     path = save_lora(sd15_lora(NAMES), tmp_path / "a.safetensors")
 
-    def denied(*a, **k):
-        raise PermissionError(13, "Permission denied", str(path))
+    real_open = os.open
 
-    monkeypatch.setattr(safe_io, "open", denied, raising=False)
+    def denied(p, *a, **k):
+        if str(p) == str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(p, *a, **k)
+
+    monkeypatch.setattr(os, "open", denied)
     with pytest.raises(LorasynthError, match="permission denied"):
         load_lora(path)
 

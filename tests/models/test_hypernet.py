@@ -381,13 +381,39 @@ def test_a_hypernet_file_with_mismatched_covariance_tensors_is_one_model_error(t
         Hypernet.load(tmp_path)
 
 
+def test_solve_temperature_widens_until_bracketed_and_says_when_it_cannot():
+    """The temperature is solved over 0.05..3, not clamped at a grid's edge (the old grid stopped at
+    0.5: a target needing 0.1 got 0.5, silently); an unreachable target is reported, not hidden."""
+    import math
+
+    from lorasynth.training.hypernet import solve_temperature
+
+    calls = []
+
+    def alike(t):  # pairwise cosine falls as the temperature rises
+        calls.append(t)
+        return math.exp(-t)
+
+    for target in (0.9, 0.5, 0.2):
+        t, report = solve_temperature(alike, target)
+        assert report["reached"] and "fell_back" not in report
+        assert abs(math.exp(-t) - target) <= 0.003 and abs(report["cosine_at_temperature"] - target) <= 0.003
+    assert abs(solve_temperature(alike, 0.9)[0] - 0.1054) < 0.01  # below the old grid's 0.5
+    assert abs(solve_temperature(alike, 0.2)[0] - 1.609) < 0.01
+    for target, bound in ((0.99, 0.05), (0.01, 3.0)):  # beyond the range: the bound, and it says so
+        t, report = solve_temperature(alike, target)
+        assert t == bound and not report["reached"] and "not reachable" in report["fell_back"]
+    calls.clear()
+    solve_temperature(alike, 0.5)
+    assert len(calls) <= 16  # each evaluation decodes samples: a bounded number
+
+
 def test_temperature_makes_samples_as_alike_as_the_spread_target(trained):
     """With a spread target, the calibrated temperature gives one face's samples that mean pairwise
-    cosine (here plain cosines of latents stand in for delta-W cosines); the grid's edges clamp."""
+    cosine (here plain cosines of latents stand in for delta-W cosines), checked on fresh samples."""
     from lorasynth.training.hypernet import temperature_for_spread
 
     assert temperature_for_spread({0.5: 0.8, 1.0: 0.6, 1.5: 0.4}, 0.7) == 0.75
-    assert temperature_for_spread({0.5: 0.8, 1.0: 0.6}, 0.9) == 0.5 and temperature_for_spread({0.5: 0.8, 1.0: 0.6}, 0.1) == 1.0
 
     def cosines(x):
         x = x / x.norm(dim=-1, keepdim=True)
@@ -402,4 +428,10 @@ def test_temperature_makes_samples_as_alike_as_the_spread_target(trained):
         x = h.sample(cv, num_steps=10, eta=1.0, n_samples=4).view(100, 4, -1)
         alike = float(cosines(x)[:, ~torch.eye(4, dtype=torch.bool)].mean())
         assert abs(alike - target) < 0.03, (target, alike, report["pairwise_cosine_by_temperature"])
+        assert report["temperature_solve"]["reached"] and report["achieved"]["target_reached"]
+        assert abs(report["achieved"]["pairwise_cosine"] - target) < 0.03  # measured on another seed's samples
     assert "look-alike" in report["temperature_rule"]
+    # a target the model cannot reach in 0.05..3 is recorded as a fallback, with the spread it did reach
+    report = calibrate_sampling(h, zv, cv, grid=((10, 1.0, 1.0),), pairwise=cosines, spread=(1.5, {"k": 1}))
+    assert not report["temperature_solve"]["reached"] and report["chosen"]["temperature"] == 0.05
+    assert not report["achieved"]["target_reached"] and "not reachable" in report["achieved"]["fell_back"]

@@ -38,12 +38,12 @@ def test_tiny_pipeline_lora_covers_unet_and_text_encoder(tiny_pipeline):
 def test_matches_diffusers_load_and_fuse(tiny_pipeline_dir, tmp_path):
     from lorasynth.runtime.pipeline import load_pipeline
 
-    ours = load_pipeline(str(tiny_pipeline_dir))
+    ours = load_pipeline(str(tiny_pipeline_dir), dtype="fp32")
     path = save_lora(_lora_for(ours), tmp_path / "k.safetensors")
     lora = load_lora(path, tree=pipeline_tree(ours))
     fuse(ours, [(lora, 0.8)])
 
-    theirs = load_pipeline(str(tiny_pipeline_dir))
+    theirs = load_pipeline(str(tiny_pipeline_dir), dtype="fp32")
     theirs.load_lora_weights(str(tmp_path), weight_name="k.safetensors", adapter_name="x")
     theirs.fuse_lora(lora_scale=0.8)
     theirs.unload_lora_weights()  # keeps the fused weights, drops the peft layers

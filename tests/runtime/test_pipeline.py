@@ -166,7 +166,7 @@ def test_load_pipeline_options(tiny_pipeline_dir, tiny_pipeline):
     assert tiny_pipeline.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     pipe = load_pipeline(str(tiny_pipeline_dir), dtype="bf16", channels_last=False)
     assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
-    with pytest.raises(LorasynthError, match="fp32, bf16"):
+    with pytest.raises(LorasynthError, match="auto, fp32, bf16"):
         load_pipeline(str(tiny_pipeline_dir), dtype="fp16")
 
 

@@ -43,7 +43,13 @@ def test_every_strategy_writes_a_loadable_kohya_lora(model_dir, tmp_path):
         assert back.metadata["modelspec.trigger_phrase"] == "sks person"
         assert set(back.modules) == set(syn.layout.names)
         assert all(torch.isfinite(m.delta()).all() for m in back.modules.values())
-    assert load_lora(tmp_path / "blend.safetensors", tree=ModuleTree.from_specs(syn.layout.modules)).modules[syn.layout.names[0]].rank == 8  # exact top-8 blend
+    k = syn.model_defaults()["blend"]["k"]  # the blend's k: the model's, chosen on validation people
+    assert k in (1, 2, 4, 8, 16, 32, 64)
+    blended = load_lora(tmp_path / "blend.safetensors", tree=ModuleTree.from_specs(syn.layout.modules))
+    assert blended.modules[syn.layout.names[0]].rank == k  # exact top-k blend (rank-1 LoRAs concatenate)
+    assert json.loads(blended.metadata["lorasynth.neighbours"])["ids"].__len__() == k
+    explicit = syn.synthesize(e, SynthesisSettings(strategy="blend", k=2, temperature=0.1))[0]
+    assert len(json.loads(explicit.provenance["lorasynth.neighbours"])["ids"]) == 2  # the caller's k wins
 
 
 def test_nearest_returns_the_library_entry_with_the_closest_embedding(model_dir):
@@ -177,3 +183,57 @@ def test_cli_synthesize_sample_interpolate(model_dir, tmp_path):
     assert load_lora(tmp_path / "mid.safetensors", tree=ModuleTree.from_specs(layout.modules)).metadata["lorasynth.interpolate"]
     assert main(["synthesize", "--embedding", str(tmp_path / "missing.npy"), "--model", str(model_dir), "-o",
                  str(tmp_path / "x.safetensors")]) == 2
+
+
+def test_default_strategy_rule_never_keeps_a_sample_below_the_simple_baselines():
+    from lorasynth.training.strategy_choice import pick_default
+
+    good = {"diffusion": 0.60, "average": 0.75, "nearest": 0.55, "blend": 0.70}
+    assert pick_default(good) == ("diffusion", [])  # samples stay the default while they hold up
+    strategy, notes = pick_default({**good, "diffusion": 0.44, "nearest": 0.58}, "k=32 τ=0.1", 200)
+    assert strategy == "average" and len(notes) == 2 and "below nearest" in notes[0] and "200" in notes[0]
+    strategy, notes = pick_default({**good, "average": 0.69, "blend": 0.73})
+    assert strategy == "blend" and "below the blend" in notes[0]
+    assert pick_default({"diffusion": 0.3, "average": 0.35, "nearest": 0.5, "blend": 0.45})[0] == "nearest"
+
+
+def test_auto_strategy_follows_the_model_defaults_and_old_models_still_sample(model_dir, tmp_path):
+    """`synthesize` without --strategy uses the model's default (hypernet.json `defaults`, chosen on
+    validation people); a model folder without it keeps the old default (one diffusion sample)."""
+    import shutil
+
+    from lorasynth.models.model_folder import SynthesisModel
+
+    dst = tmp_path / "model"
+    shutil.copytree(model_dir, dst, ignore=shutil.ignore_patterns("train"))
+    meta_path = dst / "hypernet" / "hypernet.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["defaults"]["strategy"] in ("diffusion", "average", "blend", "nearest")  # train hypernet wrote it
+    assert set(meta["defaults"]["validation"]) == {"diffusion", "average", "nearest", "blend"}
+
+    def with_defaults(defaults):
+        m = dict(meta)
+        if defaults is None:
+            m.pop("defaults")
+        else:
+            m["defaults"] = defaults
+        meta_path.write_text(json.dumps(m))
+        SynthesisModel.open(dst).save()  # record the new file hash, as a re-export does
+        return Synthesizer(dst)
+
+    e = np.asarray(Synthesizer(model_dir).pack.read_embeddings([0])[0])
+    syn = with_defaults({"strategy": "blend", "blend": {"k": 4, "temperature": 0.1}})
+    r = syn.synthesize(e)[0]  # SynthesisSettings() default: auto
+    assert r.provenance["lorasynth.strategy"] == "blend" and len(json.loads(r.provenance["lorasynth.neighbours"])["ids"]) == 4
+    assert syn.synthesize(e, SynthesisSettings(strategy="diffusion"))[0].provenance["lorasynth.strategy"] == "diffusion"
+    assert syn.synthesize(e, SynthesisSettings(samples=2))[0].provenance["lorasynth.strategy"] == "diffusion"
+    assert syn(embedding=e).metadata["lorasynth.strategy"] == "blend"  # the API's default too
+    syn = with_defaults({"strategy": "average", "blend": {"k": 4, "temperature": 0.1}})
+    assert syn.synthesize(e)[0].provenance["lorasynth.average_of"] == "expectation"
+    syn = with_defaults(None)  # an older model folder
+    r = syn.synthesize(e)[0]
+    assert r.provenance["lorasynth.strategy"] == "diffusion" and "lorasynth.average_of" not in r.provenance
+    r = syn.synthesize(e, SynthesisSettings(strategy="blend"))[0]
+    assert len(json.loads(r.provenance["lorasynth.neighbours"])["ids"]) == 8  # the old blend default
+    with pytest.raises(ModelError, match="defaults"):
+        with_defaults({"strategy": "magic"}).synthesize(e)

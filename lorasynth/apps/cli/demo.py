@@ -5,6 +5,7 @@ from __future__ import annotations
 
 def register(sub) -> None:
     from lorasynth.apps.cli.helpfmt import examples
+    from lorasynth.core.numbers import int_arg
 
     p = sub.add_parser("demo", help="run the whole mission offline on a small random-weight model, write a report",
                        description="Build a small SD1.5-architecture model with random weights, a LoRA library, train "
@@ -14,7 +15,7 @@ def register(sub) -> None:
     p.add_argument("--out", default="demo_out", help="output folder (LoRA files, previews, eval, report.md)")
     p.add_argument("--cache", default=None, help="cache folder (default ~/.cache/lorasynth/demo or $LORASYNTH_CACHE)")
     p.add_argument("--smoke", action="store_true", help="a much smaller run (for tests)")
-    p.add_argument("--identities", type=int, default=None, help="planted identities in the library")
+    p.add_argument("--identities", type=int_arg(1, 100_000), default=None, help="planted identities in the library")
     p.set_defaults(func=cmd_demo)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lorasynth.core.numbers import int_arg
 from lorasynth.apps.cli.helpfmt import examples
 from lorasynth.apps.cli.threads import restores_threads, threads_flag, use_threads
 
@@ -20,7 +21,7 @@ def register(sub) -> None:
     p.add_argument("photo", metavar="PHOTO", help="image file (JPEG, PNG, WebP...)")
     p.add_argument("--embedder", choices=EMBEDDER_NAMES, default="dlib", help="dlib (128-d) or arcface (512-d)")
     p.add_argument("--model-root", help="folder with the face model files (arcface)")
-    p.add_argument("--face-index", type=int, default=None, help="which face, largest first (default 0: the largest)")
+    p.add_argument("--face-index", type=int_arg(0, 1000), default=None, help="which face, largest first (default 0: the largest)")
     p.add_argument("--json", action="store_true", help="print JSON with the full embedding")
     p.add_argument("--out", help="also save the embedding as a float32 .npy (a library sidecar)")
     threads_flag(p)

@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from lorasynth.core.numbers import int_arg
 from lorasynth.errors import LibraryError, LorasynthError
 from lorasynth.apps.cli.helpfmt import examples
 
@@ -221,13 +222,13 @@ def add_import_w2w(group) -> None:
                                        "lorasynth library import-w2w lib w2w/ --trust-pickle"))
     p.add_argument("dir", metavar="LIBDIR", help="library folder")
     p.add_argument("w2w_dir", metavar="W2W_DIR", help="folder with all_weights.pt (and weight_dimensions.pt, identity_df.pt)")
-    p.add_argument("--start", type=int, default=0, help="first row to import")
-    p.add_argument("--stop", type=int, default=None, help="row to stop before (default: the end)")
+    p.add_argument("--start", type=int_arg(0), default=0, help="first row to import")
+    p.add_argument("--stop", type=int_arg(0), default=None, help="row to stop before (default: the end)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="unpickle identity_df.pt for CelebA attributes (a pickle can run code: only for files you trust)")
     p.add_argument("--identity-order", choices=("file", "position"), default="file",
                    help="match identity_df rows to weight rows by sorted 'file' (default) or by position")
-    p.add_argument("--batch", type=int, default=32, help="rows per transaction")
+    p.add_argument("--batch", type=int_arg(1, 100_000), default=32, help="rows per transaction")
     p.set_defaults(func=cmd_import_w2w)
 
 
@@ -246,7 +247,7 @@ def add_list(group) -> None:
                        epilog=examples("lorasynth library list lib --limit 20", "lorasynth library list lib --json"))
     p.add_argument("dir", metavar="LIBDIR", help="library folder")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--limit", type=int, default=None, help="show at most this many entries")
+    p.add_argument("--limit", type=int_arg(0), default=None, help="show at most this many entries")
     p.set_defaults(func=cmd_list)
 
 
@@ -335,7 +336,7 @@ def add_pack(group) -> None:
     p.add_argument("out", metavar="OUT", help="pack folder to write")
     p.add_argument("--embedder", help="which embeddings to pack (default: the library's embedder; 'none': no embeddings)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing pack at OUT")
-    p.add_argument("--batch", type=int, default=32, help="entries canonicalized together")
+    p.add_argument("--batch", type=int_arg(1, 100_000), default=32, help="entries canonicalized together")
     p.set_defaults(func=cmd_pack)
 
 

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from lorasynth.core.numbers import float_arg, int_arg, parse_float
 from lorasynth.errors import LorasynthError
 from lorasynth.apps.cli.helpfmt import examples
 
@@ -43,7 +44,8 @@ def register(sub) -> None:
                                        "lorasynth blend a.safetensors=1 b.safetensors=-0.3 --rank 8 -o ab.safetensors"))
     p.add_argument("items", nargs="+", metavar="FILE=WEIGHT", help="LoRA files with their weights")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="LoRA file to write")
-    p.add_argument("--rank", type=int, default=None, help="truncate each module to this rank (optimal SVD; default: exact)")
+    p.add_argument("--rank", type=int_arg(1), default=None,
+                   help="truncate each module to this rank (optimal SVD; default: exact)")
     p.add_argument("--to", choices=SAVE_FORMATS, default="kohya", help="layout of OUT")
     p.set_defaults(func=cmd_blend)
     add_format_options(sub)
@@ -52,7 +54,7 @@ def register(sub) -> None:
 def add_format_options(sub) -> None:
     """Options every LoRA-file command shares: ``--alpha`` for peft adapters; peft output notes."""
     for name in ("inspect", "convert", "blend"):
-        sub.choices[name].add_argument("--alpha", type=float, default=None, help=ALPHA_HELP)
+        sub.choices[name].add_argument("--alpha", type=float_arg(above=0), default=None, help=ALPHA_HELP)
         sub.choices[name].add_argument("--base", default=None, metavar="MODEL",
                                        help="check the modules against this base model (a diffusers folder, hub id "
                                             "or .safetensors checkpoint) instead of SD1.5's")
@@ -68,10 +70,7 @@ def parse_weighted(item: str, default: float | None = None) -> tuple[str, float]
         if default is None:
             raise LorasynthError(f"expected FILE=WEIGHT, got {item!r}")
         return item, default
-    try:
-        return path, float(weight)
-    except ValueError:
-        raise LorasynthError(f"weight in {item!r} is not a number") from None
+    return path, parse_float(weight, f"weight in {item!r}")  # finite here; the range: core.blending.check_weights
 
 
 def load_reporting(path, base: str | None = None, **kwargs):

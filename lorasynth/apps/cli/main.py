@@ -21,8 +21,20 @@ COMMAND_MODULES = ["lora_files", "generate", "faces", "library", "library_train"
                    "serve", "comfyui"]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors: ``lorasynth: error: serve: argument --port: ... (see --help)``.
+
+    Every sub-parser is one too (argparse makes sub-parsers of the parent's class).
+    """
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("lorasynth").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"lorasynth: error: {where}{message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lorasynth",
         description="Zero-shot LoRA synthesis for Stable Diffusion: library, compression, synthesis, blending, apply.\n"
                     "`lorasynth COMMAND --help` describes each command, with examples.",

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from lorasynth.core.numbers import float_arg, int_arg, is_id_text, parse_int
 from lorasynth.errors import LorasynthError
 from lorasynth.apps.cli.helpfmt import examples
 from lorasynth.apps.cli.threads import restores_threads, threads_flag, use_threads
@@ -37,14 +38,14 @@ def register(sub) -> None:
 
 def _trainer_flags(p, steps: int, batch: int, lr: float) -> None:
     g = p.add_argument_group("training (Lightning)")
-    g.add_argument("--steps", type=int, default=steps, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, default=batch, help="items per step (per device)")
-    g.add_argument("--lr", type=float, default=lr, help="peak learning rate (warm-up, then cosine decay)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (split, initialization, batches)")
+    g.add_argument("--steps", type=int_arg(1), default=steps, help="optimizer steps")
+    g.add_argument("--batch-size", type=int_arg(1), default=batch, help="items per step (per device)")
+    g.add_argument("--lr", type=float_arg(above=0), default=lr, help="peak learning rate (warm-up, then cosine decay)")
+    g.add_argument("--seed", type=int_arg(0), default=0, help="random seed (split, initialization, batches)")
     g.add_argument("--devices", default="auto", help="Lightning devices (e.g. 1, 4, auto)")
     g.add_argument("--accelerator", default="auto", help="cpu, gpu, auto")
     g.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
-    g.add_argument("--num-nodes", type=int, default=1, help="Lightning nodes (multi-node DDP)")
+    g.add_argument("--num-nodes", type=int_arg(1), default=1, help="Lightning nodes (multi-node DDP)")
     g.add_argument("--precision", default="32-true", help="e.g. 32-true, bf16-mixed")
     g.add_argument("--resume", action="store_true", help="continue from the part's last.ckpt")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -53,7 +54,8 @@ def _trainer_flags(p, steps: int, batch: int, lr: float) -> None:
 def _train_config(args):
     from lorasynth.training.lightning import TrainConfig, check_precision
 
-    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    devices = parse_int(args.devices, "--devices", minimum=1, maximum=4096) if is_id_text(str(args.devices)) \
+        else args.devices
     cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, devices=devices,
                       accelerator=args.accelerator, strategy=args.strategy, num_nodes=args.num_nodes,
                       precision=args.precision, progress=not args.no_progress)
@@ -64,9 +66,9 @@ def _train_config(args):
 def _synthesis_flags(p) -> None:
     p.add_argument("--model", required=True, help="model folder made by `lorasynth train`, or a Hugging Face hub id org/name")
     p.add_argument("--pack", default=None, help="override the pack path recorded in the model")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same LoRA)")
+    p.add_argument("--guidance", type=float_arg(), default=None, help="classifier-free guidance (default: the model's)")
+    p.add_argument("--steps", type=int_arg(None, None), default=None, help="sampler steps (default: the model's)")
+    p.add_argument("--seed", type=int_arg(None, None), default=0, help="random seed (same seed, same LoRA)")
 
 
 # ---------------------------------------------------------------------------- training
@@ -94,9 +96,9 @@ def _latent_arguments(p) -> None:
                    help="latent model: pca, or vae (a LoRA-VAE, trained with the 'training' options; it also "
                         "reports PCA's reconstruction at the same size). PCA reconstructs held-out LoRAs better than "
                         "the VAE at equal size on every planted world measured")
-    p.add_argument("--latent-dim", type=int, default=512, help="latent size")
-    p.add_argument("--holdout", type=float, default=0.1, help="fraction of persons kept out for `lorasynth eval` (test)")
-    p.add_argument("--validation", type=float, default=0.1,
+    p.add_argument("--latent-dim", type=int_arg(1, 65536), default=512, help="latent size")
+    p.add_argument("--holdout", type=float_arg(0, 0.9), default=0.1, help="fraction of persons kept out for `lorasynth eval` (test)")
+    p.add_argument("--validation", type=float_arg(0, 0.9), default=0.1,
                    help="fraction of persons kept for choosing settings (kernel, sampler); never trained on")
     _trainer_flags(p, steps=3000, batch=64, lr=1e-3)
 
@@ -156,7 +158,10 @@ def cmd_train_latent(args) -> int:
         vae, pca = cmp["vae_reconstruction_delta_cosine"], cmp["pca_reconstruction_delta_cosine"]
         print(f"validation reconstruction (delta-W cosine, {cmp['validation_rows']} rows): VAE {vae:.4f}, "
               f"PCA at k={cmp['pca_latent_dim']} {pca:.4f}")
-        if pca >= vae:
+        if cmp.get("residual_used") is False:
+            print("the VAE's nonlinear residual did not beat PCA on the validation people: this VAE is its PCA "
+                  "linear path (the PCA of its size)")
+        elif pca > vae:
             print("PCA reconstructs better than this VAE: retrain with `--kind pca` (the default) for a better model")
     return 0
 
@@ -189,8 +194,8 @@ def add_train_hypernet(tsub) -> None:
                         epilog=examples("lorasynth train hypernet --model model",
                                         "lorasynth train hypernet --model model --steps 4000 --resume"))
     p.add_argument("--model", required=True, metavar="MODEL", help="model folder with a trained latent model")
-    p.add_argument("--width", type=int, default=None, help="denoiser width (default: the hypernetwork config's)")
-    p.add_argument("--depth", type=int, default=None, help="denoiser blocks (default: the hypernetwork config's)")
+    p.add_argument("--width", type=int_arg(1, 65536), default=None, help="denoiser width (default: the hypernetwork config's)")
+    p.add_argument("--depth", type=int_arg(1, 1024), default=None, help="denoiser blocks (default: the hypernetwork config's)")
     p.add_argument("--prediction", choices=["x0", "v", "eps"], default=None,
                    help="what the denoiser predicts (default: the hypernetwork config's)")
     _trainer_flags(p, steps=2000, batch=256, lr=2e-3)  # what scripts/bench_quality.py measures
@@ -210,6 +215,8 @@ def cmd_train_hypernet(args) -> int:
         return 0
     params = sum(p.numel() for p in net.net.parameters())
     print(f"trained hypernetwork ({params:,} parameters) in {time.perf_counter() - t0:.1f}s -> {model.hypernet_dir}")
+    for note in getattr(net, "notes", []):  # a calibration that fell back, a default other than one sample
+        print(f"note: {note}")
     return 0
 
 
@@ -219,10 +226,10 @@ def _settings(args, strategy: str):
     from lorasynth.synthesis.synthesizer import SynthesisSettings
 
     return SynthesisSettings(strategy=strategy, guidance=args.guidance, steps=args.steps, seed=args.seed,
-                             samples=getattr(args, "samples", 1), k=getattr(args, "k", 8),
+                             samples=getattr(args, "samples", 1), k=getattr(args, "k", None),
                              average=getattr(args, "average", False),
                              average_rank=getattr(args, "average_rank", 32),
-                             temperature=getattr(args, "temperature", 0.05))
+                             temperature=getattr(args, "temperature", None))
 
 
 def _numbered(path: Path, i: int, n: int) -> Path:
@@ -264,18 +271,21 @@ def add_synthesize(sub) -> None:
     face.add_argument("--face", metavar="PHOTO", help="face photo")
     face.add_argument("--embedding", help=".npy face embedding (float32, 1-D)")
     _synthesis_flags(p)
-    p.add_argument("--strategy", choices=["diffusion", "blend", "nearest"], default="diffusion",
-                   help="diffusion: the hypernetwork; blend: top-k library LoRAs; nearest: the closest library LoRA")
-    p.add_argument("--samples", type=int, default=1, help="how many LoRAs (diffusion): OUT gets _0, _1... suffixes")
+    p.add_argument("--strategy", choices=["auto", "diffusion", "blend", "nearest"], default="auto",
+                   help="diffusion: one sample of the hypernetwork; blend: top-k library LoRAs; nearest: the closest "
+                        "library LoRA; auto (default): the model's default, one sample unless `train hypernet` "
+                        "found a better strategy on validation people (it says so)")
+    p.add_argument("--samples", type=int_arg(None, None), default=1, help="how many LoRAs (diffusion): OUT gets _0, _1... suffixes")
     p.add_argument("--average", action="store_true",
                    help="write ONE LoRA for fidelity: the model's expected delta W for the face (closed form, "
                         "the limit of averaging many samples); with --samples N the exact mean of N samples. "
                         "Without it: samples, for variety (pick the best-looking)")
-    p.add_argument("--average-rank", type=int, default=32,
+    p.add_argument("--average-rank", type=int_arg(None, None), default=32,
                    help="rank of the --average LoRA (optimal truncation; its error is in the metadata)")
-    p.add_argument("--k", type=int, default=8, help="blend: neighbours")
-    p.add_argument("--temperature", type=float, default=0.05, help="blend: softmax temperature")
-    p.add_argument("--face-index", type=int, default=None, help="which face (0 = largest)")
+    p.add_argument("--k", type=int_arg(None, None), default=None, help="blend: neighbours (default: the model's, chosen on validation; else 8)")
+    p.add_argument("--temperature", type=float_arg(), default=None,
+                   help="blend: softmax temperature (default: the model's, chosen on validation; else 0.05)")
+    p.add_argument("--face-index", type=int_arg(0, 1000), default=None, help="which face (0 = largest)")
     p.add_argument("--model-root", default=None, help="insightface model root (arcface models)")
     p.add_argument("--to", choices=["kohya", "diffusers"], default="kohya", help="layout of OUT")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="LoRA file to write")
@@ -311,7 +321,7 @@ def cmd_synthesize(args) -> int:
     out = Path(args.output)
     for i, r in enumerate(results):
         path = write_synthesized(r, _numbered(out, i, len(results)), args.to)
-        print(f"wrote {path} ({args.strategy}, {len(r.lora)} modules)")
+        print(f"wrote {path} ({r.provenance.get('lorasynth.strategy', args.strategy)}, {len(r.lora)} modules)")
     print(f"embedding {t1 - t0:.2f}s, synthesis+write {time.perf_counter() - t1:.2f}s")
     return 0
 
@@ -347,7 +357,7 @@ def add_sample(sub) -> None:
                                    "condition.",
                        epilog=examples("lorasynth sample --model model -n 4 -o new_people/"))
     _synthesis_flags(p)
-    p.add_argument("-n", type=int, default=4, help="how many LoRAs")
+    p.add_argument("-n", type=int_arg(1, 256), default=4, help="how many LoRAs")
     p.add_argument("-o", "--out-dir", required=True, metavar="DIR", help="folder for sample_SEED_I.safetensors")
     threads_flag(p)
     p.set_defaults(func=cmd_sample)
@@ -395,7 +405,7 @@ def add_interpolate(sub) -> None:
     p.add_argument("a", metavar="LORA_A", help="first LoRA (t = 0)")
     p.add_argument("b", metavar="LORA_B", help="second LoRA (t = 1)")
     p.add_argument("--model", required=True, metavar="MODEL", help="model folder or hub id")
-    p.add_argument("--t", type=float, default=0.5, help="position between A (0) and B (1)")
+    p.add_argument("--t", type=float_arg(-100, 100), default=0.5, help="position between A (0) and B (1)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="LoRA file to write")
     p.set_defaults(func=cmd_interpolate)
 
@@ -420,7 +430,7 @@ def add_edit(sub) -> None:
     p.add_argument("--model", required=True, metavar="MODEL", help="model folder or hub id")
     p.add_argument("--library", required=True, help="library whose entry attributes define the direction")
     p.add_argument("--attribute", required=True, help="attribute name in the library entries (e.g. Male, Young)")
-    p.add_argument("--strength", type=float, default=1.0, help="in standard deviations of the attribute score")
+    p.add_argument("--strength", type=float_arg(-1000, 1000), default=1.0, help="in standard deviations of the attribute score")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="LoRA file to write")
     p.set_defaults(func=cmd_edit)
 
@@ -450,7 +460,7 @@ def add_eval(sub) -> None:
     _synthesis_flags(p)
     p.add_argument("--out", default=None, help="folder for eval.json and eval.png (default MODEL/eval)")
     p.add_argument("--strategies", default="diffusion,blend,nearest", help="comma list of strategies to compare")
-    p.add_argument("--max-items", type=int, default=None, help="evaluate at most this many held-out identities")
+    p.add_argument("--max-items", type=int_arg(1), default=None, help="evaluate at most this many held-out identities")
     p.add_argument("--base", default=None, help="with --faces: identity similarity on generated images")
     p.add_argument("--faces", default=None, help="folder of face photos for the identity metric")
     p.set_defaults(func=cmd_eval)

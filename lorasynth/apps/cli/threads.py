@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import functools
 
+from lorasynth.core.numbers import int_arg
 from lorasynth.errors import LorasynthError
 
 
 def threads_flag(p) -> None:
     """Add ``--threads`` to the parser ``p``."""
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=int_arg(1, 1024), default=1,
                    help="torch threads per operation: the models are small, so one thread is as fast on an idle "
                         "machine and 10-40x faster on a busy one (two threads contend for cores)")
 

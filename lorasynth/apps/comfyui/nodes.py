@@ -41,20 +41,58 @@ def register_model_folder() -> None:
         paths.insert(0, path)
 
 
+#: the model list walks at most this deep and this many folders (a symlink loop or a huge tree cannot hang ComfyUI)
+MAX_WALK_DEPTH = 8
+MAX_WALK_FOLDERS = 10_000
+
+
 def synthesis_model_names() -> list[str]:
-    """Synthesis model folders (those holding ``lorasynth_model.json``) under every ``models/lorasynth`` path."""
+    """Synthesis model folders (those holding ``lorasynth_model.json``) under every ``models/lorasynth`` path.
+
+    Links to model folders are followed (each real folder is visited once, so a link loop ends),
+    at most :data:`MAX_WALK_DEPTH` deep and :data:`MAX_WALK_FOLDERS` folders per path.
+    """
     import folder_paths
 
     register_model_folder()
     names = set()
     for root in folder_paths.get_folder_paths(MODEL_FOLDER):
-        if not os.path.isdir(root):
-            continue
-        for here, dirs, files in os.walk(root, followlinks=True):
-            if MODEL_FILE in files:
-                names.add(os.path.relpath(here, root).replace(os.sep, "/"))
-                dirs.clear()  # a model folder's sub-folders are its parts, not models
+        if os.path.isdir(root):
+            names.update(bounded_model_walk(root))
     return sorted(names)
+
+
+def bounded_model_walk(root: str, max_depth: int = MAX_WALK_DEPTH, max_folders: int = MAX_WALK_FOLDERS) -> set[str]:
+    """Relative names of the folders under ``root`` holding ``lorasynth_model.json`` (see :func:`synthesis_model_names`)."""
+    names: set[str] = set()
+    seen: set[tuple[int, int]] = set()
+    stack = [(root, 0)]
+    while stack and len(seen) < max_folders:
+        here, depth = stack.pop()
+        try:
+            st = os.stat(here)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(here) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:  # a broken link, a loop, no permission: skipped
+            continue
+        if any(e.name == MODEL_FILE for e in entries):
+            names.add(os.path.relpath(here, root).replace(os.sep, "/"))
+            continue  # a model folder's sub-folders are its parts, not models
+        if depth >= max_depth:
+            continue
+        subdirs = []
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=True):
+                    subdirs.append((e.is_symlink(), e.name, e.path))
+            except OSError:
+                pass
+        # real folders first, then links (a linked model folder is listed under its real name when both are here)
+        stack.extend((path, depth + 1) for _, _, path in sorted(subdirs, reverse=True))
+    return names
 
 
 def synthesis_model_path(name: str) -> str:
@@ -142,6 +180,12 @@ class SynthesizeLoRAFromFace:
 
         if not isinstance(lorasynth_model, SynthesisEngine):
             raise LorasynthError(f"lorasynth_model input is a {type(lorasynth_model).__name__}, not a lorasynth model")
+        from lorasynth.core.numbers import parse_float, parse_int
+
+        # NaN passes ComfyUI's min/max checks: every number is checked here (one line on the node)
+        face_index = parse_int(face_index, "face_index", minimum=0, maximum=64)
+        guidance = parse_float(guidance, "guidance", minimum=0.0, maximum=20.0)
+        seed = parse_int(seed, "seed", minimum=0, maximum=0xFFFFFFFFFFFFFFFF)
         result = lorasynth_model.synthesize(image_to_rgb(image), face_index=face_index, strategy=strategy,
                                             guidance=guidance or None, seed=seed % 2**63)
         return (result.lora, rgb_to_image(result.crop))
@@ -168,6 +212,10 @@ class ApplyLoRA:
     CATEGORY = CATEGORY
 
     def apply(self, model, clip, lora, strength_model, strength_clip):
+        from lorasynth.core.numbers import parse_float
+
+        strength_model = parse_float(strength_model, "strength_model", minimum=-20.0, maximum=20.0)
+        strength_clip = parse_float(strength_clip, "strength_clip", minimum=-20.0, maximum=20.0)
         return apply_lora(model, clip, lora, strength_model, strength_clip)
 
 
@@ -217,8 +265,12 @@ class BlendLoRAs:
         from lorasynth.core.blending import blend
         from lorasynth.apps.comfyui.convert import as_lora
 
+        from lorasynth.core.numbers import parse_float, parse_int
+
         pairs = [(lora_1, weight_1), (lora_2, weight_2), (lora_3, weight_3)]
-        loras = [(as_lora(lora, f"lora_{i + 1}"), w) for i, (lora, w) in enumerate(pairs) if lora is not None]
+        loras = [(as_lora(lora, f"lora_{i + 1}"), parse_float(w, f"weight_{i + 1}", minimum=-10.0, maximum=10.0))
+                 for i, (lora, w) in enumerate(pairs) if lora is not None]
+        rank = parse_int(rank, "rank", minimum=0, maximum=1024)
         out, _ = blend([lora for lora, _ in loras], [w for _, w in loras], rank=rank or None)
         return (out,)
 

@@ -6,9 +6,10 @@
 ``backend.py`` is the only module that calls into lorasynth; ``app.py`` wires the app
 (config, middleware, error handlers, routers); ``routes/`` holds one router per resource
 (info, faces, loras, blend, previews, library); ``context.py`` the state and helpers they
-share; ``api_errors.py`` the ``{"error": ...}`` contract; ``middleware.py`` the body-size
-and loopback-Host guards; ``jobs.py`` the single generation worker; ``results.py`` the
-in-memory LoRA store; ``static/`` the page (plain HTML/JS/CSS, no build step, nothing
+share; ``api_errors.py`` the ``{"error": ...}`` contract; ``middleware.py`` the exact-Host,
+same-origin (CSRF) and body size / deadline guards; ``protocol.py`` uvicorn's protocol with a
+header timeout; ``jobs.py`` the single generation worker; ``results.py`` the in-memory LoRA
+store (a byte budget); ``static/`` the page (plain HTML/JS/CSS, no build step, nothing
 fetched from the network).
 """
 

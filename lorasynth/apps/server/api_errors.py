@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lorasynth.errors import FaceError, ImageError, LibraryError, LorasynthError
+from lorasynth.errors import FaceError, ImageError, InputError, LibraryError, LorasynthError
 
 log = logging.getLogger("lorasynth.apps.server")
 
@@ -29,11 +29,12 @@ class ApiError(Exception):
 
 
 def lorasynth_error_status(exc: LorasynthError) -> int:
-    """404 for a missing library item, 413 for an image refused by size, 422 for face errors, else 400."""
+    """404 for a missing library item, 413 for an image refused by size, 422 for face errors and
+    refused numbers (:class:`InputError`: not finite, out of range), else 400."""
     status = 404 if isinstance(exc, LibraryError) and str(exc).startswith("no ") else 400
     if isinstance(exc, ImageError) and ("refused" in str(exc) or "too large" in str(exc)):
         status = 413
-    if isinstance(exc, FaceError):
+    if isinstance(exc, (FaceError, InputError)):
         status = 422
     return status
 

@@ -90,7 +90,9 @@ class Backend:
     def strategies(self) -> list[str]:
         from lorasynth.synthesis.synthesizer import STRATEGIES
 
-        return [s for s in STRATEGIES if s != "sample" and (s != "diffusion" or self.info.has_hypernet)]
+        # "average": diffusion's expected delta W for the face (one LoRA, fidelity); "sample": a new identity
+        names = [s for s in STRATEGIES if s not in ("diffusion", "sample")]
+        return (["diffusion", "average"] + names + ["sample"]) if self.info.has_hypernet else names
 
     @property
     def save_formats(self) -> list[str]:
@@ -176,6 +178,24 @@ class Backend:
     def check_embedding(self, values) -> np.ndarray:
         return self.syn.check_embedding(values)
 
+    def embedding_from_json(self, text: str) -> np.ndarray:
+        """A JSON array of numbers -> a checked embedding, or one :class:`InputError` line.
+
+        Nesting is refused before parsing (no recursion on ``[[[[...``), booleans and strings are
+        not numbers, and every value must be a finite float (a 401-digit integer is not).
+        """
+        from lorasynth.core.numbers import parse_float
+        from lorasynth.core.safe_io import parse_json
+        from lorasynth.errors import InputError
+
+        values = parse_json(text, "embedding", expect=list, max_depth=1, error=InputError,
+                            invalid="not a JSON array of numbers", unique_keys=False)
+        for i, x in enumerate(values):
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise InputError(f"embedding[{i}] must be a number, got {type(x).__name__} {str(x)[:20]!r}")
+            values[i] = parse_float(x, f"embedding[{i}]")
+        return self.check_embedding(np.asarray(values, dtype=np.float64))
+
     # ---------------------------------------------------------------- synthesis
     def synthesize(self, embedding: np.ndarray, strategy: str, guidance: float | None, seed: int, samples: int,
                    steps: int | None, source: str) -> list:
@@ -184,7 +204,9 @@ class Backend:
 
         if strategy not in self.strategies:
             raise LorasynthError(f"unknown or unavailable strategy {strategy!r}; choose one of {', '.join(self.strategies)}")
-        settings = SynthesisSettings(strategy=strategy, guidance=guidance, steps=steps, seed=seed, samples=samples)
+        settings = SynthesisSettings(strategy="diffusion" if strategy == "average" else strategy, guidance=guidance,
+                                     steps=steps, seed=seed, samples=samples, average=strategy == "average")
+        settings.validate()  # the CLI's rules (guidance, steps, seed, samples), before any work
         return self.syn.synthesize(embedding, settings, source=source)
 
     def lora_file(self, lora, fmt: str, stem: str) -> tuple[bytes, str, str]:
@@ -194,15 +216,17 @@ class Backend:
         if fmt not in self.save_formats:
             raise LorasynthError(f"unknown format {fmt!r}; choose one of {', '.join(self.save_formats)}")
         with tempfile.TemporaryDirectory(prefix="lorasynth-serve-") as tmp:
-            # peft is a folder (adapter_config.json + adapter_model.safetensors, what PeftModel loads): zipped
-            target = Path(tmp) / (stem if fmt == "peft" else f"{stem}.safetensors")
-            written = Path(save_lora(lora, target, fmt))
-            if written.is_file():
+            if fmt != "peft":
+                written = Path(save_lora(lora, Path(tmp) / f"{stem}.safetensors", fmt))
                 return written.read_bytes(), f"{stem}_{fmt}.safetensors", "application/octet-stream"
+            # peft is a folder (adapter_config.json + adapter_model.safetensors, what PeftModel loads), written
+            # as the CLI writes it, zipped: its config carries each module's lora_alpha (without it, alpha = rank)
+            folder = Path(tmp) / stem
+            save_lora(lora, folder, fmt)
             buf = io.BytesIO()
             with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-                for p in sorted(p for p in written.rglob("*") if p.is_file()):
-                    z.write(p, p.relative_to(written).as_posix())
+                for p in sorted(p for p in folder.iterdir() if p.is_file()):
+                    z.write(p, p.name)
             return buf.getvalue(), f"{stem}_{fmt}.zip", "application/zip"
 
     def vector_of(self, lora, vector: np.ndarray | None = None) -> np.ndarray | None:
@@ -216,12 +240,42 @@ class Backend:
 
     # ---------------------------------------------------------------- blending
     def blend(self, loras: list, weights: list[float], rank: int | None):
-        """``(LoRA, report dict)``: the exact weighted sum, or its best rank-r approximation."""
+        """``(LoRA, report dict)``: the exact weighted sum, or its best rank-r approximation.
+
+        An exact sum whose concatenated rank exceeds a module's full rank ``min(out, in)`` is
+        re-factored there by SVD: the same update (to rounding), never more factors than the
+        matrix itself would hold (``report["compressed_modules"]`` counts them).
+        """
         from lorasynth.core.blending import blend
+        from lorasynth.core.lora import LoRA, canonicalize_module
 
         lora, report = blend(loras, weights, rank=rank)
+        compressed = 0
+        if rank is None:
+            modules = dict(lora.modules)
+            for name, m in modules.items():
+                full = min(m.out_features, m.in_features)
+                if m.rank > full:
+                    modules[name] = canonicalize_module(m, rank=full)
+                    compressed += 1
+            if compressed:
+                lora = LoRA(modules, lora.metadata)
         return lora, {"rank": report.rank, "overall_relative_error": report.overall_error,
-                      "max_module_relative_error": report.max_error}
+                      "max_module_relative_error": report.max_error, "compressed_modules": compressed}
+
+    @staticmethod
+    def blend_nbytes(loras: list, rank: int | None) -> int:
+        """Tensor bytes of :meth:`blend`'s result, known before computing it (float32 factors)."""
+        shapes: dict[str, tuple[int, int, int]] = {}
+        for lora in loras:
+            for name, m in lora.modules.items():
+                _, _, r = shapes.get(name, (m.out_features, m.in_features, 0))
+                shapes[name] = (m.out_features, m.in_features, r + m.rank)
+        size = max((t.element_size() for lora in loras for m in lora.modules.values() for t in (m.down,)), default=4)
+        if rank is None:
+            return sum((o + i) * min(r, o, i) for o, i, r in shapes.values()) * max(4, size)
+        cap = min(rank, max((min(r, o, i) for o, i, r in shapes.values()), default=0))  # blend's own cap (zero-padded)
+        return sum((o + i) * cap for o, i, _ in shapes.values()) * max(4, size)
 
     # ---------------------------------------------------------------- library
     def _need_library(self):
@@ -244,7 +298,7 @@ class Backend:
     def library_lora(self, entry_id: int):
         lib = self._need_library()
         with self._lib_lock:
-            entry, lora = lib.get(int(entry_id))
+            entry, lora = lib.get(entry_id)
         return entry.name, lora
 
     def nearest(self, embedding: np.ndarray, k: int) -> list[dict]:
@@ -276,8 +330,10 @@ class Backend:
         s.validate()
         return s
 
-    def generate_png(self, loras: list[tuple], settings, extra: dict[str, str], on_step: Callable[[int, int], None]) -> bytes:
-        """Fuse ``[(LoRA, scale)]`` into the base pipeline, generate, return the PNG with its parameters."""
+    def generate_png(self, loras: list[tuple], settings, extra: dict[str, str], on_step: Callable[[int, int], None],
+                     tags: list[tuple[str, float]] | None = None) -> bytes:
+        """Fuse ``[(LoRA, scale)]`` into the base pipeline, generate, return the PNG with its parameters
+        (``tags``: ``[(name, scale)]`` written as A1111's ``<lora:name:scale>`` in the infotext's prompt)."""
         from lorasynth.runtime.apply import fused
         from lorasynth.runtime.pipeline import generate, save_png
 
@@ -286,7 +342,67 @@ class Backend:
         with fused(self.pipe, loras):
             image = generate(self.pipe, settings, progress=False, on_step=on_step)
         with tempfile.TemporaryDirectory(prefix="lorasynth-serve-") as tmp:
-            return save_png(image, Path(tmp) / "preview.png", settings, extra).read_bytes()
+            return save_png(image, Path(tmp) / "preview.png", settings, extra, tags).read_bytes()
+
+    def infotext_fields(self, named: list[tuple[str, object]]) -> dict[str, str]:
+        """A1111's infotext fields for the base and ``[(name, LoRA)]``: ``Model`` (+ ``Model hash``, the
+        10-digit sha256 of a single-file checkpoint, cached), ``Lora hashes`` (``name: hash`` with each LoRA's
+        A1111 hash: sha256 of its kohya file's data section, the 12 digits A1111 computes for the download)."""
+        import hashlib
+        import struct
+
+        from lorasynth.formats.metadata import model_file_hash
+
+        base = Path(str(self.cfg.base))
+        fields = {"Model": base.stem if base.is_file() else base.name}
+        if base.is_file():
+            if getattr(self, "_base_hash", None) is None:
+                self._base_hash = model_file_hash(base)[:10]
+            fields["Model hash"] = self._base_hash
+        hashes = []
+        for name, lora in named:
+            data = self.lora_file(lora, "kohya", name)[0]
+            (n,) = struct.unpack("<Q", data[:8])
+            hashes.append(f"{name}: {hashlib.sha256(memoryview(data)[8 + n:]).hexdigest()[:12]}")
+        if hashes:
+            fields["Lora hashes"] = ", ".join(hashes)
+        return fields
+
+    # ---------------------------------------------------------------- editing (attribute directions)
+    def attribute_directions(self) -> dict[str, tuple[np.ndarray, float]]:
+        """``{attribute: (unit latent direction, std of the latents along it)}`` for every numeric or
+        yes/no attribute of the library's entries that the model's training rows can fit (cached)."""
+        from lorasynth.synthesis.editing import attribute_direction
+
+        if self.library is None:
+            return {}
+        with self._lib_lock:
+            if getattr(self, "_directions", None) is None:
+                names = sorted({k for e in self.library.list() for k, v in (e.attributes or {}).items()
+                                if isinstance(v, (int, float, bool))})
+                found = {}
+                for name in names[:32]:
+                    try:
+                        found[name] = attribute_direction(self.syn, self.library, name)
+                    except LibraryError:
+                        continue
+                self._directions = found
+            return self._directions
+
+    def edit(self, vector: np.ndarray, attribute: str, strength: float):
+        """``(LoRA, flat vector)``: ``vector`` encoded, moved ``strength`` standard deviations along the
+        attribute's direction (w2w-style least squares), decoded."""
+        import torch
+
+        directions = self.attribute_directions()
+        if attribute not in directions:
+            raise LorasynthError(f"no attribute {attribute!r} to edit along; this server has "
+                                 f"{', '.join(directions) or 'none (the library entries carry no numeric attributes)'}")
+        d, std = directions[attribute]
+        with torch.no_grad():
+            z = self.syn.latent.encode(self.syn.latent.standardize(np.asarray(vector, dtype=np.float32)[None]))
+            vec = self.syn.decode(z.float() + strength * std * torch.from_numpy(d).float()[None])[0]
+        return self.syn.layout.unflatten(torch.from_numpy(vec)), vec
 
 
 def _trainer(entry) -> str:

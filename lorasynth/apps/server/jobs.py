@@ -39,6 +39,7 @@ class Job:
     png: bytes | None = None
     created: float = field(default_factory=time.time)
     finished: float | None = None
+    started: float | None = None  # when the worker took it (step rate, history)
     cancel_requested: bool = False
 
     def progress(self, step: int, total: int) -> None:
@@ -48,7 +49,8 @@ class Job:
 
     def to_dict(self) -> dict:
         return {"id": self.id, "state": self.state, "step": self.step, "total": self.total, "error": self.error,
-                "image": f"/api/jobs/{self.id}/image" if self.state == "done" else None, "params": self.params}
+                "image": f"/api/jobs/{self.id}/image" if self.state == "done" else None, "params": self.params,
+                "created": self.created, "started": self.started, "finished": self.finished}
 
 
 class JobQueue:
@@ -106,6 +108,11 @@ class JobQueue:
                     job.state, job.finished = "cancelled", time.time()
         return job
 
+    def list(self) -> list[Job]:
+        """The jobs this queue remembers (the last ``keep`` finished ones and every open one), oldest first."""
+        with self._lock:
+            return list(self._jobs.values())
+
     def counts(self) -> dict:
         with self._lock:
             states = [j.state for j in self._jobs.values()]
@@ -124,7 +131,7 @@ class JobQueue:
             with self._lock:
                 if job.cancel_requested:
                     continue
-                job.state = "running"
+                job.state, job.started = "running", time.time()
             try:
                 png = self._run(job)
             except JobCancelled:

@@ -31,18 +31,18 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from lorasynth.errors import ModelError
-from lorasynth.core.safe_io import read_json
+from lorasynth.models.hypernet.schema import (BETA_SCHEDULES, HYPERNET_BOUNDS, MAX_GUIDANCE,  # noqa: F401 - re-exported
+                                              MAX_STEPS, PREDICTION_TYPES, HypernetConfig, SamplingDefaults,
+                                              check_shapes, expected_shapes, parse_config_file)
+from lorasynth.core.safe_io import safetensors_from_bytes
 
-#: Our short names for the three training targets -> diffusers' ``prediction_type`` names.
-PREDICTION_TYPES = {"v": "v_prediction", "x0": "sample", "eps": "epsilon"}
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 WEIGHTS_FILE = "hypernet.safetensors"
 CONFIG_FILE = "hypernet.json"
@@ -65,93 +65,6 @@ _STAT_KEYS = ("latent_mean", "latent_std", "cond_mean", "cond_scale", "resid_std
 #: Keys a file may lack (written before they existed): the defaults keep the old behaviour.
 _OPTIONAL_KEYS = ("spread_scale", "nb_cond", "nb_z", "nb_k", "nb_tau", "mix") + _COV_KEYS
 _RESIZABLE_KEYS = ("landmarks", "coef", "nb_cond", "nb_z", "cov_cond", "cov_resid")
-
-
-@dataclass
-class HypernetConfig:
-    """Architecture and diffusion settings of the hypernetwork (saved in ``hypernet.json``).
-
-    latent_dim: size of the LoRA latent.
-    cond_dim: size of the face embedding (128 for dlib, 512 for ArcFace; taken from the data).
-    width, depth, mlp_ratio: residual-MLP trunk (hidden size of each block = width*mlp_ratio).
-        Small by default: libraries have 10^3 - 10^5 people, and a large denoiser memorizes
-        their residuals.
-    emb_dim: size of the timestep / condition embedding that drives AdaLN.
-    prediction: training target, ``"v"`` (default), ``"eps"`` or ``"x0"``. x0-prediction made
-        the old model a deterministic regressor (samples of one face had pairwise cosine
-        0.9999): with one LoRA per embedding the network can predict x0 from the condition
-        alone and ignore the noise.
-    cond_dropout: probability of replacing the condition by the null embedding in training.
-    num_train_timesteps, beta_schedule, rescale_zero_snr: the noise schedule (diffusers names
-        and formulas).
-    clip_sample: clip predicted x0 to +-this many standard deviations while sampling (None: off).
-    dropout: dropout inside the residual MLPs (regularizes small libraries).
-    residual_mean: model ``z - mean(embedding)`` with a closed-form kernel-ridge mean (default);
-        False = the diffusion models the whole latent.
-    mean_landmarks: landmark embeddings of the kernel ridge mean (Nystroem).
-    residual_condition: condition the residual diffusion on the embedding (default True). It is
-        trained on pairs (a face, the residual of one of its ``pair_neighbours`` nearest training
-        faces): with one LoRA per face, pairs of a face with its own residual alone taught the old
-        conditioned denoiser single points, and its samples for a new face collapsed. False = an
-        unconditional residual model (the same spread for every face).
-    pair_neighbours: neighbours per face of those pairs (0 = chosen on validation people by the
-        energy score, :func:`~lorasynth.models.hypernet.regression.choose_pair_neighbours`; 16 without
-        validation rows).
-    local_covariance: fit the face-dependent residual covariance
-        (:class:`~lorasynth.models.hypernet.regression.LocalCovariance`, chosen on validation people) that
-        gives the expected delta W in closed form (``synthesize --average``), and scale the
-        residuals the diffusion models by one global factor in raw latent units (``resid_to_x0``)
-        instead of per dimension (default True; needs validation rows).
-    """
-
-    latent_dim: int = 512
-    cond_dim: int = 128
-    width: int = 256
-    depth: int = 2
-    mlp_ratio: float = 2.0
-    emb_dim: int = 128
-    prediction: str = "v"
-    cond_dropout: float = 0.2
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
-    rescale_zero_snr: bool = False
-    clip_sample: float | None = None
-    dropout: float = 0.1
-    residual_mean: bool = True
-    mean_landmarks: int = 1024
-    residual_condition: bool = True
-    pair_neighbours: int = 0
-    local_covariance: bool = True
-
-    def __post_init__(self) -> None:
-        if self.prediction not in PREDICTION_TYPES:
-            raise ModelError(
-                f"hypernet prediction must be one of {sorted(PREDICTION_TYPES)}, got {self.prediction!r}"
-            )
-        if self.beta_schedule not in BETA_SCHEDULES:
-            raise ModelError(f"hypernet beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
-        for name in ("latent_dim", "cond_dim", "width", "depth", "emb_dim", "num_train_timesteps", "mean_landmarks"):
-            if int(getattr(self, name)) < 1:
-                raise ModelError(f"hypernet {name} must be >= 1, got {getattr(self, name)!r}")
-        if not 0.0 <= self.cond_dropout < 1.0:
-            raise ModelError(f"cond_dropout must be in [0, 1), got {self.cond_dropout!r}")
-
-    @property
-    def diffusers_prediction_type(self) -> str:
-        """The ``prediction_type`` string diffusers' schedulers expect."""
-        return PREDICTION_TYPES[self.prediction]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "HypernetConfig":
-        """Build from a saved dict; unknown keys are an error (a newer, incompatible file)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ModelError(f"hypernet config has unknown fields {unknown}; written by a newer lorasynth?")
-        return cls(**data)
 
 
 def alphas_cumprod(config: HypernetConfig) -> Tensor:
@@ -247,12 +160,16 @@ class Denoiser(nn.Module):
             return c_emb
         return torch.where(drop.unsqueeze(-1), null, c_emb)
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None, drop: Tensor | None = None) -> Tensor:
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None, drop: Tensor | None = None,
+                cond_emb: Tensor | None = None) -> Tensor:
+        """``cond_emb``: :meth:`embed_condition` of ``(cond, drop)`` computed once by the caller (the
+        sampler reuses it for every step); ``cond`` and ``drop`` are then not read."""
         batch = x_t.shape[0]
         if t.ndim == 0:
             t = t.expand(batch)
         t_emb = self.time_mlp(timestep_embedding(t, self.config.emb_dim))
-        emb = nn.functional.silu(t_emb + self.embed_condition(cond, batch, drop))
+        c_emb = self.embed_condition(cond, batch, drop) if cond_emb is None else cond_emb
+        emb = nn.functional.silu(t_emb + c_emb)
         h = self.in_proj(x_t)
         for block in self.blocks:
             h = block(h, emb)
@@ -350,9 +267,22 @@ class Hypernet(nn.Module):
                               float(self.cov_shrink), self.resid_cov)
         return cov(cond_n * self.cond_scale + self.cond_mean)
 
+    def cached(self, name: str, inputs: tuple[Tensor, ...], make):
+        """``make()``, computed once per model: recomputed only when one of ``inputs`` is replaced
+        or changed in place (keyed on each tensor's storage and version counter)."""
+        # inference tensors (a model loaded under torch.inference_mode, as ComfyUI does) have no version counter
+        key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.device, tuple(t.shape)) for t in inputs)
+        cache = self.__dict__.setdefault("_sampling_cache", {})
+        hit = cache.get(name)
+        if hit is None or hit[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                hit = cache[name] = (key, make())
+        return hit[1]
+
     def _x0_to_resid(self) -> Tensor:
-        """The inverse of ``resid_to_x0`` (computed per call: milliseconds, and safe in inference mode)."""
-        return torch.linalg.inv(self.resid_to_x0.double()).float()
+        """The inverse of ``resid_to_x0`` (cached per model)."""
+        return self.cached("x0_to_resid", (self.resid_to_x0,),
+                           lambda: torch.linalg.inv(self.resid_to_x0.double()).float())
 
     def to_x0(self, z: Tensor, cond: Tensor | None) -> Tensor:
         """Raw latents and raw conditions -> the diffusion's data space (scaled residuals)."""
@@ -400,18 +330,35 @@ class Hypernet(nn.Module):
         return pts.reshape(-1, k).float()
 
     # ------------------------------------------------------------------ sampling
-    def guided_prediction(self, x_t: Tensor, t: Tensor, cond: Tensor | None, guidance: float) -> Tensor:
-        """``uncond + guidance * (cond - uncond)`` in one batch of 2B (just the conditional at 1)."""
+    def guided_prediction(self, x_t: Tensor, t: Tensor, cond: Tensor | None, guidance: float,
+                          cond_emb: Tensor | None = None) -> Tensor:
+        """``uncond + guidance * (cond - uncond)`` in one batch of 2B (just the conditional at 1).
+
+        ``cond_emb``: :meth:`guidance_embedding` of ``(cond, guidance)``, when the caller has it."""
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         if cond is None:
             return self.net(x_t, t, None)
         if guidance == 1.0:
-            return self.net(x_t, t, cond)
+            return self.net(x_t, t, cond, cond_emb=cond_emb)
         batch = x_t.shape[0]
-        drop = torch.cat([torch.zeros(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool)]).to(x_t.device)
-        out_c, out_u = self.net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, cond]), drop).chunk(2)
+        drop = None if cond_emb is not None else self._cfg_drop(batch, x_t.device)
+        out_c, out_u = self.net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, cond]), drop,
+                                cond_emb=cond_emb).chunk(2)
         return out_u + guidance * (out_c - out_u)
+
+    @staticmethod
+    def _cfg_drop(batch: int, device) -> Tensor:
+        return torch.cat([torch.zeros(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool)]).to(device)
+
+    def guidance_embedding(self, cond: Tensor | None, guidance: float) -> Tensor | None:
+        """The condition embedding :meth:`guided_prediction` feeds the denoiser (the same at every
+        step of one sampling call: computed once per call)."""
+        if cond is None:
+            return None
+        if guidance == 1.0:
+            return self.net.embed_condition(cond, len(cond))
+        return self.net.embed_condition(torch.cat([cond, cond]), 2 * len(cond), self._cfg_drop(len(cond), cond.device))
 
     def split_prediction(self, out: Tensor, x_t: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
         """Model output at ``alpha_bar = a`` -> ``(x0_hat, eps_hat)``."""
@@ -444,10 +391,11 @@ class Hypernet(nn.Module):
         x = torch.randn(rows, self.config.latent_dim, generator=generator).to(device)
         ts = self.timesteps(num_steps)
         ac = self.alphas_cumprod.to(device)
+        cond_emb = self.guidance_embedding(c, guidance)
         for i, t in enumerate(ts):
             a = ac[t]
             a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=device)
-            out = self.guided_prediction(x, torch.tensor(t, device=device), c, guidance)
+            out = self.guided_prediction(x, torch.tensor(t, device=device), c, guidance, cond_emb)
             x0, eps = self.split_prediction(out, x, a)
             sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp_min(0).sqrt()
             x = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp_min(0).sqrt() * eps
@@ -540,32 +488,34 @@ class Hypernet(nn.Module):
         return out
 
     @classmethod
-    def load(cls, model_dir: str | Path, map_location: str | torch.device = "cpu") -> "Hypernet":
-        """Load an exported hypernet (safetensors + json only; nothing is unpickled), in eval mode."""
-        from safetensors.torch import load_file
+    def load(cls, model_dir: str | Path, map_location: str | torch.device = "cpu", read=None) -> "Hypernet":
+        """Load an exported hypernet (safetensors + json only; nothing is unpickled), in eval mode.
+
+        ``read(name) -> bytes``: where the files come from (default: the folder, regular files only;
+        a model folder passes a reader of hash-checked bytes). Every config field is type- and
+        range-checked, and the weights' shapes are compared with the config before anything is
+        allocated: a crafted file is one ModelError line.
+        """
+        import os
 
         d = Path(model_dir)
         cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
-        if not cfg_path.is_file() or not w_path.is_file():
-            raise ModelError(f"no hypernetwork in {d}: need {CONFIG_FILE} and {WEIGHTS_FILE}")
-        meta = read_json(cfg_path, "hypernetwork config", error=ModelError)
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-            raise ModelError(f"{cfg_path} is not a lorasynth hypernetwork config")
-        version = int(meta.get("version", 0))
-        if version > FORMAT_VERSION:
-            raise ModelError(f"{cfg_path} has format version {meta.get('version')}; upgrade lorasynth")
-        raw_cfg = dict(meta.get("config", {}))
-        if version < 2:  # version 1: no closed-form mean, the diffusion modelled the whole latent
-            raw_cfg.setdefault("residual_mean", False)
-            for key, old in (("width", 512), ("depth", 3), ("prediction", "x0"), ("cond_dropout", 0.1), ("dropout", 0.0)):
-                raw_cfg.setdefault(key, old)
-        if not isinstance(raw_cfg, dict):
-            raise ModelError(f"{cfg_path}: config must be an object")
+        if read is None:
+            if not os.path.lexists(cfg_path) or not os.path.lexists(w_path):
+                raise ModelError(f"no hypernetwork in {d}: need {CONFIG_FILE} and {WEIGHTS_FILE}")
+            from lorasynth.models.latent.export import file_reader
+
+            read = file_reader(d)
+        version, raw_cfg, raw_sampling = parse_config_file(read(CONFIG_FILE), cfg_path, FORMAT_NAME, FORMAT_VERSION)
         config = HypernetConfig.from_dict(raw_cfg)
-        try:
-            tensors = load_file(str(w_path), device=str(map_location))
-        except Exception as exc:  # safetensors raises its own error types
-            raise ModelError(f"unreadable {w_path}: {exc}") from exc
+        defaults = {"num_steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "eta": DEFAULT_ETA,
+                    "scheduler": DEFAULT_SCHEDULER}
+        sampling = asdict(SamplingDefaults.from_dict(raw_sampling, str(cfg_path), config.num_train_timesteps, defaults,
+                                                     SCHEDULERS))
+        tensors, _ = safetensors_from_bytes(read(WEIGHTS_FILE), w_path, error=ModelError)
+        check_shapes(tensors, config, w_path)  # before allocating: the config's sizes are the file's
+        if str(map_location) != "cpu":
+            tensors = {k: v.to(map_location) for k, v in tensors.items()}
         module = cls(config)
         net_state = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
         try:
@@ -591,7 +541,5 @@ class Hypernet(nn.Module):
                 module.cov_cond.shape[1:] != (config.cond_dim,) or \
                 module.cov_resid.shape != (len(module.cov_cond), config.latent_dim):
             raise ModelError(f"{w_path}: mean tensors do not match the config")
-        module.sampling_defaults = dict(meta.get("sampling", {}))
-        if version < 2:
-            module.sampling_defaults.setdefault("eta", 0.0)
+        module.sampling_defaults = sampling
         return module.to(map_location).eval()

@@ -24,11 +24,13 @@ shared evaluation (cosine between true and reconstructed LoRAs in raw space).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from lorasynth.errors import ModelError
 from lorasynth.models.latent.base import (LatentModel, decode_rows, encode_rows, reconstruct, reconstruction_cosine,
                                           row_stats, rows_of)
+from lorasynth.models.latent.export import Reader
 from lorasynth.models.latent.pca import PCA
 from lorasynth.models.latent.vae import VAENet
 
@@ -36,15 +38,19 @@ __all__ = ["LatentModel", "PCA", "VAENet", "decode_rows", "encode_rows", "load_l
            "reconstruction_cosine", "row_stats", "rows_of"]
 
 
-def load_latent(path: str | Path) -> LatentModel:
+def load_latent(path: str | Path, read: Reader | None = None, kind: str | None = None) -> LatentModel:
     """Load an exported PCA (``pca.json``) or VAE (``vae.json``) from a directory.
 
+    ``read``: where the files come from (default: the folder; a model folder passes a reader of
+    hash-checked bytes) and ``kind`` (``"vae"`` / ``"pca"``; default: whichever config exists).
     Neither imports Lightning: a VAE loads as the plain-torch :class:`~lorasynth.models.latent.vae.VAENet`
     (training uses its Lightning subclass :class:`~lorasynth.training.latent.LoRAVAE`).
     """
     path = Path(path)
-    if (path / "vae.json").is_file():
-        return VAENet.load(path)
-    if (path / "pca.json").is_file():
-        return PCA.load(path)
+    if kind is None:
+        kind = "vae" if os.path.lexists(path / "vae.json") else "pca" if os.path.lexists(path / "pca.json") else None
+    if kind == "vae":
+        return VAENet.load(path, read=read)
+    if kind == "pca":
+        return PCA.load(path, read=read)
     raise ModelError(f"no latent model in {path} (expected vae.json + vae.safetensors or pca.json + pca.safetensors)")

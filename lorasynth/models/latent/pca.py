@@ -20,7 +20,7 @@ signature, explained variance); loading never unpickles.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,8 @@ import torch
 from lorasynth.core.lora import fix_signs
 from lorasynth.core.safe_io import write_json, write_safetensors
 from lorasynth.errors import ModelError
-from lorasynth.models.latent.export import read_export
+from lorasynth.core.numbers import validate_fields
+from lorasynth.models.latent.export import Reader, read_export
 from lorasynth.library.pack import Pack, std_floor
 from lorasynth.models.latent.base import row_stats
 
@@ -119,17 +120,39 @@ class PCA:
         return out
 
     @classmethod
-    def load(cls, path: str | Path) -> "PCA":
+    def load(cls, path: str | Path, read: Reader | None = None) -> "PCA":
+        """Load an exported PCA; ``read``: where the files come from (default: the folder)."""
         path = Path(path)
-        meta, t = read_export(path, META_FILE, WEIGHTS_FILE, "PCA model", "lorasynth-pca", PCA_VERSION)
-        d, k = int(meta["dim"]), int(meta["latent_dim"])
+        meta, t = read_export(path, META_FILE, WEIGHTS_FILE, "PCA model", "lorasynth-pca", PCA_VERSION, read=read)
+        cfg = PCAMeta.from_dict(meta, f"{path / META_FILE}")
+        d, k = cfg.dim, cfg.latent_dim
         want = {"components": (d, k), "center": (d,), "singular_values": (k,), "coef_mean": (k,), "coef_std": (k,),
                 "mean": (d,), "scale": (d,)}
         for name, shape in want.items():
             if name not in t or tuple(t[name].shape) != shape:
                 raise ModelError(f"PCA model in {path}: tensor {name!r} missing or not of shape {shape}")
-        return cls(**{n: t[n] for n in want}, layout_signature=str(meta.get("layout_signature", "")),
-                   n_fit=int(meta.get("n_fit", 0)), total_variance=float(meta.get("total_variance", 0.0)))
+        return cls(**{n: t[n] for n in want}, layout_signature=cfg.layout_signature, n_fit=cfg.n_fit,
+                   total_variance=cfg.total_variance)
+
+
+@dataclass
+class PCAMeta:
+    """The schema of ``pca.json`` (sizes and fit statistics; every field type- and range-checked)."""
+
+    dim: int
+    latent_dim: int
+    layout_signature: str = ""
+    n_fit: int = 0
+    total_variance: float = 0.0
+
+    @classmethod
+    def from_dict(cls, meta: dict, where: str) -> "PCAMeta":
+        if "dim" not in meta or "latent_dim" not in meta:
+            raise ModelError(f"{where}: dim and latent_dim are required")
+        out = cls(**{f.name: meta[f.name] for f in fields(cls) if f.name in meta})
+        validate_fields(out, where, {"dim": (1, 2**31), "latent_dim": (1, 2**20), "n_fit": (0, None),
+                                     "total_variance": (0.0, None)}, error=ModelError)
+        return out
 
 
 # --------------------------------------------------------------------------- fitting

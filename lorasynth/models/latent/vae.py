@@ -1,8 +1,24 @@
 """The LoRA-VAE network in plain torch: architecture, standardisation, export and loading.
 
-See :mod:`lorasynth.training.latent` for the architecture and training (the Lightning module
-:class:`~lorasynth.training.latent.LoRAVAE` subclasses :class:`VAENet`). Loading an exported VAE
-(:func:`lorasynth.models.latent.load_latent`) needs only this module, so synthesis imports no Lightning.
+Two architectures (``VAEConfig.arch``):
+
+* ``"pca_residual"`` (the default, format version 2): **never worse than PCA of the same size.**
+  A linear path that *is* PCA (encoder = projection on the first ``k`` principal directions of the
+  standardised training rows, decoder = the PCA reconstruction; both fixed buffers) plus small
+  nonlinear residual MLPs whose last layers start at zero: the encoder's adds a correction to the
+  ``k`` coefficients from the first ``K = k + residual_components`` coefficients, the decoder's adds
+  coefficients on all ``K`` principal directions from the latent. At initialisation the model is PCA
+  exactly; training keeps the best state on validation people and falls back to the linear path when
+  the residual does not help (:func:`lorasynth.training.latent.train_vae`). The latent is in PCA
+  coefficient units (``sample_latent`` draws each coefficient from its dataset normal, as w2w), so the
+  hypernetwork sees the same space as with PCA. Curved worlds need fewer latent dimensions: the
+  decoder bends the ``k``-dim latent through the next principal directions.
+* ``"chunked"`` (format version 1, and files written before version 2): the chunked transformer
+  autoencoder described in :mod:`lorasynth.training.latent`.
+
+The Lightning module :class:`~lorasynth.training.latent.LoRAVAE` subclasses :class:`VAENet`. Loading an
+exported VAE (:func:`lorasynth.models.latent.load_latent`) needs only this module, so synthesis imports
+no Lightning.
 """
 
 from __future__ import annotations
@@ -16,10 +32,13 @@ import torch
 from torch import nn
 
 from lorasynth.errors import ModelError
-from lorasynth.models.latent.export import read_export
+from lorasynth.models.latent.export import Reader, read_export
+from lorasynth.core.numbers import parse_float, parse_int, validate_fields
 from lorasynth.core.safe_io import write_json, write_safetensors
 
-VAE_VERSION = 1
+VAE_VERSION = 2  # 2: ``config.arch`` (and the PCA-residual architecture); 1: the chunked architecture only
+READ_VERSIONS = (1, 2)  # versions this module still loads
+ARCHS = ("pca_residual", "chunked")
 WEIGHTS_FILE = "vae.safetensors"
 META_FILE = "vae.json"
 
@@ -45,11 +64,40 @@ class VAEConfig:
     latent_noise: float = 0.0
     weight_decay: float = 0.0
     lr_warmup: int = 100  # steps of linear learning-rate warm-up before the cosine decay
+    arch: str = "pca_residual"  # or "chunked" (the version-1 network; the fields above up to ff_mult)
+    residual_components: int = 64  # pca_residual: principal directions beyond the latent the decoder may use
+    residual_width: int = 256  # pca_residual: hidden width of the residual MLPs
+    residual_layers: int = 2  # pca_residual: hidden layers of the decoder's residual MLP (0: PCA only)
+    encoder_layers: int = 1  # pca_residual: hidden layers of the encoder's residual MLP (0: the PCA projection)
+    posterior_logvar: float = -7.0  # pca_residual: initial log-variance of q(z|x), in whitened latent units
+
+    def __post_init__(self) -> None:
+        """Every field's type and range (a hostile ``vae.json`` is one ModelError line, never a traceback)."""
+        validate_fields(self, "VAE config", VAE_BOUNDS, error=ModelError)
+        if self.arch not in ARCHS:
+            raise ModelError(f"VAE config: arch must be one of {', '.join(ARCHS)}, got {self.arch!r}"[:300])
+        if self.d_model % self.n_heads:
+            raise ModelError(f"VAE config: d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
 
     @classmethod
     def from_dict(cls, d: dict) -> "VAEConfig":
+        if not isinstance(d, dict):
+            raise ModelError(f"VAE config must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+_SIZE = (1, 65536)
+_STEPS = (0, 2**31)
+#: ranges of the VAE config fields (sizes are bounded so that a crafted config cannot ask for terabytes)
+VAE_BOUNDS = {
+    "latent_dim": _SIZE, "n_tokens": _SIZE, "min_chunk": (1, 2**31), "chunk_rank": _SIZE, "token_dim": _SIZE,
+    "d_model": _SIZE, "n_heads": (1, 4096), "enc_layers": (0, 256), "dec_layers": (0, 256), "ff_mult": (1, 256),
+    "dropout": (0.0, 1.0), "beta_max": (0.0, 1e6), "kl_warmup": _STEPS, "input_noise": (0.0, 1e6),
+    "latent_noise": (0.0, 1e6), "weight_decay": (0.0, 1e6), "lr_warmup": _STEPS,
+    "residual_components": (0, 65536), "residual_width": _SIZE, "residual_layers": (0, 256), "encoder_layers": (0, 256),
+    "posterior_logvar": (-30.0, 10.0),
+}
 
 
 def chunk_geometry(dim: int, cfg: VAEConfig) -> tuple[int, int, int]:
@@ -57,6 +105,54 @@ def chunk_geometry(dim: int, cfg: VAEConfig) -> tuple[int, int, int]:
     tokens = max(1, min(cfg.n_tokens, math.ceil(dim / max(1, cfg.min_chunk))))
     chunk = math.ceil(dim / tokens)
     return tokens, chunk, min(cfg.chunk_rank, chunk)
+
+
+def expected_shapes(cfg: VAEConfig, dim: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of the weights that fix every size a :class:`VAENet` of ``cfg`` allocates.
+
+    :meth:`VAENet.load` compares them with the file before building the network, so a crafted
+    ``vae.json`` (``d_model: 65536``, ``enc_layers: 200``) is refused without allocating its weights.
+    """
+    if cfg.arch == "pca_residual":
+        return residual_shapes(cfg, dim)
+    t, p, r = chunk_geometry(dim, cfg)
+    d, m, k = cfg.d_model, cfg.latent_dim, cfg.token_dim
+    out = {"mean": (dim,), "enc_chunk.weight": (t, p, r), "dec_chunk.weight": (t, r, p), "enc_in.weight": (d, r),
+           "to_stats.weight": (2 * m, t * k), "from_latent.weight": (t * k, m), "dec_expand.weight": (d, k)}
+    for stack, layers in (("encoder", cfg.enc_layers), ("decoder", cfg.dec_layers)):
+        for i in range(layers):
+            out[f"{stack}.layers.{i}.linear1.weight"] = (cfg.ff_mult * d, d)
+    return out
+
+
+def basis_size(cfg: VAEConfig, dim: int) -> int:
+    """``K``: the principal directions a PCA-residual VAE keeps (its latent's ``k`` and the residual's)."""
+    return min(dim, cfg.latent_dim + cfg.residual_components)
+
+
+def residual_mlp(n_in: int, width: int, layers: int, n_out: int) -> nn.Module | None:
+    """``layers`` hidden GELU layers of ``width``, then a linear output that starts at exactly zero."""
+    if layers == 0:
+        return None
+    parts: list[nn.Module] = []
+    for i in range(layers):
+        parts += [nn.Linear(n_in if i == 0 else width, width), nn.GELU()]
+    out = nn.Linear(width, n_out)
+    nn.init.zeros_(out.weight)
+    nn.init.zeros_(out.bias)
+    return nn.Sequential(*parts, out)
+
+
+def residual_shapes(cfg: VAEConfig, dim: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a PCA-residual VAE and its shape (checked before allocating, as :func:`expected_shapes`)."""
+    k, big_k, w = cfg.latent_dim, basis_size(cfg, dim), cfg.residual_width
+    out = {"mean": (dim,), "scale": (dim,), "center": (dim,), "basis": (dim, big_k), "coef_mean": (k,), "coef_std": (k,),
+           "out_scale": (big_k,), "logvar": (k,)}
+    for name, n_in, layers, n_out in (("enc_res", big_k, cfg.encoder_layers, k), ("dec_res", k, cfg.residual_layers, big_k)):
+        for i in range(layers + (layers > 0)):
+            a, b = (n_in if i == 0 else w), (n_out if i == layers else w)
+            out[f"{name}.{2 * i}.weight"], out[f"{name}.{2 * i}.bias"] = (b, a), (b,)
+    return out
 
 
 class ChunkLinear(nn.Module):
@@ -103,22 +199,56 @@ class VAENet(nn.Module):
     kind = "vae"
 
     def __init__(self, config: VAEConfig | dict, dim: int, mean=None, scale=None,
-                 layout_signature: str = "", lr: float = 1e-3, init_weights: bool = True):
+                 layout_signature: str = "", lr: float = 1e-3, init_weights: bool = True, pca=None):
         super().__init__()
         config = VAEConfig.from_dict(config) if isinstance(config, dict) else config
         self.config = config
         self._dim = int(dim)
         self._layout_signature = layout_signature
         self.lr = lr
-        t, p, r = chunk_geometry(self._dim, config)
-        self.tokens, self.chunk, self.rank = t, p, r
-        d, m = config.d_model, config.latent_dim
+        self.selection: dict | None = None  # what training chose on validation people (exported in vae.json)
+        if pca is not None:  # the linear path's standardisation is the PCA's
+            mean, scale = pca.mean, pca.scale
         mean = torch.zeros(dim) if mean is None else torch.as_tensor(np.asarray(mean), dtype=torch.float32)
         scale = torch.ones(dim) if scale is None else torch.as_tensor(np.asarray(scale), dtype=torch.float32)
         if mean.shape != (dim,) or scale.shape != (dim,):
             raise ModelError(f"mean/scale must have shape ({dim},)")
         self.register_buffer("mean", mean.clone())
         self.register_buffer("scale", scale.clone())
+        if config.arch == "pca_residual":
+            self._build_residual(pca)
+        else:
+            self._build_chunked(init_weights)
+
+    def _build_residual(self, pca) -> None:
+        """The PCA linear path (buffers; zeros until loaded when ``pca`` is None) and the residual MLPs."""
+        cfg, dim = self.config, self._dim
+        k, big_k = cfg.latent_dim, basis_size(cfg, dim)
+        if k > dim:
+            raise ModelError(f"VAE latent_dim ({k}) exceeds the input size ({dim})")
+        basis, center = torch.zeros(dim, big_k), torch.zeros(dim)
+        coef_mean, coef_std, out_scale = torch.zeros(k), torch.ones(k), torch.ones(big_k)
+        if pca is not None:
+            if pca.dim != dim or pca.latent_dim < big_k:
+                raise ModelError(f"the VAE's linear path needs a PCA of {big_k} components on {dim} values, got "
+                                 f"{pca.latent_dim} on {pca.dim}")
+            std = pca.coef_std[:big_k].float()
+            floor = max(float(std.max()) * 1e-6, 1e-12)  # a constant direction: no division by zero
+            basis, center = pca.components[:, :big_k].float(), pca.center.float()
+            coef_mean, coef_std, out_scale = pca.coef_mean[:k].float(), std[:k].clamp_min(floor), std.clamp_min(floor)
+        for name, value in (("center", center), ("basis", basis), ("coef_mean", coef_mean), ("coef_std", coef_std),
+                            ("out_scale", out_scale)):
+            self.register_buffer(name, value.clone().contiguous())
+        self.logvar = nn.Parameter(torch.full((k,), float(cfg.posterior_logvar)))
+        self.enc_res = residual_mlp(big_k, cfg.residual_width, cfg.encoder_layers, k)
+        self.dec_res = residual_mlp(k, cfg.residual_width, cfg.residual_layers, big_k)
+
+    def _build_chunked(self, init_weights: bool) -> None:
+        """The version-1 chunked transformer autoencoder (see :mod:`lorasynth.training.latent`)."""
+        config = self.config
+        t, p, r = chunk_geometry(self._dim, config)
+        self.tokens, self.chunk, self.rank = t, p, r
+        d, m = config.d_model, config.latent_dim
         # encoder
         self.enc_chunk = ChunkLinear(t, p, r, init_weights)
         self.enc_in = nn.Linear(r, d)
@@ -169,10 +299,40 @@ class VAENet(nn.Module):
             x = nn.functional.pad(x, (0, pad))
         return x.reshape(x.shape[0], self.tokens, self.chunk)
 
+    @property
+    def residual_arch(self) -> bool:
+        return self.config.arch == "pca_residual"
+
+    def coefficients(self, x: torch.Tensor) -> torch.Tensor:
+        """PCA-residual: standardised ``x (B, D)`` -> ``(B, K + 1)``: its coefficients on the ``K`` principal
+        directions and, last, the squared norm of what they miss (the training data of the residual:
+        the reconstruction error in standardised space is a function of these alone)."""
+        xc = torch.as_tensor(x, dtype=torch.float32, device=self.mean.device) - self.center
+        coef = xc @ self.basis
+        miss = (xc.double().pow(2).sum(1) - coef.double().pow(2).sum(1)).clamp_min(0).float()
+        return torch.cat([coef, miss[:, None]], dim=1)
+
+    def encode_coefficients(self, coef: torch.Tensor) -> torch.Tensor:
+        """PCA-residual: the latent mean from the ``K`` coefficients: the first ``k`` plus the encoder's residual."""
+        mu = coef[:, : self.latent_dim]
+        if self.enc_res is not None:
+            mu = mu + self.coef_std * self.enc_res(coef / self.out_scale)
+        return mu
+
+    def decode_coefficients(self, z: torch.Tensor) -> torch.Tensor:
+        """PCA-residual: latent ``(B, k)`` -> coefficients ``(B, K)``: the latent itself (PCA) plus the decoder's residual."""
+        out = nn.functional.pad(z, (0, self.basis.shape[1] - z.shape[1]))
+        if self.dec_res is not None:
+            out = out + self.out_scale * self.dec_res((z - self.coef_mean) / self.coef_std)
+        return out
+
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mu, logvar)`` of q(z | x) for standardised ``x (B, D)``."""
         if x.ndim != 2 or x.shape[1] != self._dim:
             raise ModelError(f"VAE expects inputs of shape (batch, {self._dim}), got {tuple(x.shape)}")
+        if self.residual_arch:
+            mu = self.encode_coefficients(self.coefficients(x)[:, :-1])
+            return mu, (self.logvar + 2 * self.coef_std.log()).expand_as(mu)
         h = self.enc_in(self.enc_chunk(self._chunks(x))) + self.enc_pos
         h = self.enc_squeeze(self.enc_norm(self.encoder(h)))
         mu, logvar = self.to_stats(h.flatten(1)).chunk(2, dim=1)
@@ -185,6 +345,8 @@ class VAENet(nn.Module):
     def decode(self, z) -> torch.Tensor:
         """Latent ``(B, m)`` -> standardised ``(B, D)``."""
         z = torch.as_tensor(z, dtype=torch.float32, device=self.mean.device)
+        if self.residual_arch:
+            return self.center + self.decode_coefficients(z) @ self.basis.T
         h = self.dec_expand(self.from_latent(z).reshape(z.shape[0], self.tokens, self.config.token_dim)) + self.dec_pos
         h = self.dec_norm(self.decoder(h))
         out = self.dec_chunk(self.dec_out(h)).flatten(1)
@@ -195,7 +357,9 @@ class VAENet(nn.Module):
         return self.decode(self.encode(x))
 
     def sample_latent(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.randn(n, self.latent_dim, generator=generator).to(self.mean.device)
+        """From the prior: N(0, 1) (chunked), every coefficient from its dataset normal (PCA-residual, as w2w)."""
+        eps = torch.randn(n, self.latent_dim, generator=generator).to(self.mean.device)
+        return self.coef_mean + self.coef_std * eps if self.residual_arch else eps
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.decode(self.sample_latent(n, generator))
@@ -211,23 +375,41 @@ class VAENet(nn.Module):
             "latent_dim": self.latent_dim, "layout_signature": self._layout_signature, "lr": self.lr,
             "num_parameters": self.num_parameters(),
         }
+        if self.selection is not None:
+            meta["selection"] = self.selection
         write_safetensors(state, out / WEIGHTS_FILE, {"format": "lorasynth-vae"})
         write_json(out / META_FILE, meta)
         return out
 
     @classmethod
-    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "VAENet":
-        """Load an exported VAE (eval mode)."""
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu", read: Reader | None = None) -> "VAENet":
+        """Load an exported VAE (eval mode); ``read``: where the files come from (default: the folder)."""
         path = Path(path)
-        meta, state = read_export(path, META_FILE, WEIGHTS_FILE, "VAE", "lorasynth-vae", VAE_VERSION, map_location)
+        meta, state = read_export(path, META_FILE, WEIGHTS_FILE, "VAE", "lorasynth-vae", READ_VERSIONS, map_location, read)
+        where = f"{path / META_FILE}"
+        raw_config = meta.get("config")
+        if meta.get("version") == 1 and isinstance(raw_config, dict):  # version 1 knew one architecture
+            raw_config = {**raw_config, "arch": "chunked"}
+        config = VAEConfig.from_dict(raw_config)
+        dim = parse_int(meta.get("dim"), f"{where}: dim", minimum=1, maximum=2**31, error=ModelError, strict=True)
+        lr = parse_float(meta.get("lr", 1e-3), f"{where}: lr", minimum=0.0, error=ModelError, strict=True)
+        signature = meta.get("layout_signature", "")
+        if not isinstance(signature, str):
+            raise ModelError(f"{where}: layout_signature must be a string")
+        for key, want in expected_shapes(config, dim).items():  # before allocating: the config's sizes are the file's
+            got = state.get(key)
+            if got is None or tuple(got.shape) != want:
+                raise ModelError(f"VAE in {path} does not match its vae.json: size mismatch for {key}: the file holds "
+                                 f"{'nothing' if got is None else tuple(got.shape)}, the config needs {want}")
+        model = cls(config, dim, layout_signature=signature, lr=lr, init_weights=False)
         try:
-            model = cls(VAEConfig.from_dict(meta["config"]), int(meta["dim"]),
-                        layout_signature=str(meta.get("layout_signature", "")), lr=float(meta.get("lr", 1e-3)),
-                        init_weights=False)
             model.load_state_dict(state, strict=True)  # strict: every weight comes from the file
         except (KeyError, TypeError, RuntimeError) as e:
             raise ModelError(f"VAE in {path} does not match its vae.json ({e})") from None
+        if isinstance(meta.get("selection"), dict):
+            model.selection = meta["selection"]
         return model.to(map_location).eval()
 
 
-__all__ = ["VAEConfig", "VAENet", "ChunkLinear", "chunk_geometry", "VAE_VERSION", "WEIGHTS_FILE", "META_FILE"]
+__all__ = ["VAEConfig", "VAENet", "ChunkLinear", "chunk_geometry", "basis_size", "residual_mlp", "VAE_VERSION",
+           "READ_VERSIONS", "WEIGHTS_FILE", "META_FILE"]

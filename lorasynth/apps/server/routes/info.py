@@ -21,8 +21,9 @@ def router(ctx: ServerContext) -> APIRouter:
     def index():
         return FileResponse(str(STATIC / "index.html"), media_type="text/html")
 
-    @r.get("/api/info", tags=["server"], summary="What this server can do (model, formats, limits)")
-    def info():
-        return {"version": __version__, **ctx.backend.describe(), "jobs": ctx.jobs.counts()}
+    @r.get("/api/info", tags=["server"], summary="What this server can do (model, formats, limits, memory held)")
+    async def info():  # on the event loop, never behind the CPU workers: answered while they are busy
+        return {"version": __version__, **ctx.backend.describe(), "limits": ctx.limits(), "jobs": ctx.jobs.counts(),
+                "results": ctx.results.usage()}
 
     return r

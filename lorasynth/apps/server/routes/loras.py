@@ -19,9 +19,9 @@ def router(ctx: ServerContext) -> APIRouter:
 
     @r.get("/api/loras/{lora_id}", tags=["synthesis"], summary="Download a LoRA file (kohya, diffusers, ...)",
            response_class=Response, responses={200: {"content": {"application/octet-stream": {}}}})
-    def download_lora(lora_id: ID, format: Annotated[str, Query(max_length=20)] = "kohya"):
+    async def download_lora(lora_id: ID, format: Annotated[str, Query(max_length=20)] = "kohya"):
         item = ctx.stored(lora_id)
-        data, filename, media = ctx.backend.lora_file(item.lora, format, f"lorasynth_{item.kind}_{item.id}")
+        data, filename, media = await ctx.run(ctx.backend.lora_file, item.lora, format, f"lorasynth_{item.kind}_{item.id}")
         return Response(data, media_type=media, headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
     return r

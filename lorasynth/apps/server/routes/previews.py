@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Body
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
+from lorasynth.apps.server.a1111 import lora_name
 from lorasynth.apps.server.api_errors import ApiError
 from lorasynth.apps.server.context import ID, ServerContext
 from lorasynth.apps.server.jobs import Job, QueueFull
@@ -34,11 +33,14 @@ def run_job(ctx: ServerContext, job: Job) -> bytes:
     """The generation worker's task: one job's PNG (its parameters in the PNG's text chunks)."""
     p = job.params
     backend = ctx.backend
-    loras = [(ctx.stored(x["id"]).lora, x["scale"]) for x in p["loras"]]
+    items = [(ctx.stored(x["id"]), x["scale"]) for x in p["loras"]]
     settings = backend.generation_settings(**{k: p[k] for k in (
         "prompt", "negative_prompt", "steps", "guidance", "seed", "width", "height", "scheduler")})
-    extra = {"Model": backend.describe()["model"], "Lora": json.dumps([[x["id"], x["scale"]] for x in p["loras"]])}
-    return backend.generate_png(loras, settings, extra, job.progress)
+    # A1111 infotext: <lora:name:scale> in the prompt, "Lora hashes", "Model" (+ "Model hash" of a checkpoint file)
+    named = [(lora_name(item.kind, item.id), item.lora) for item, _ in items]
+    extra = {**backend.infotext_fields(named), "Lorasynth model": backend.describe()["model"]}
+    tags = [(name, scale) for (name, _), (_, scale) in zip(named, items)]
+    return backend.generate_png([(item.lora, scale) for item, scale in items], settings, extra, job.progress, tags)
 
 
 def router(ctx: ServerContext) -> APIRouter:
