@@ -79,7 +79,8 @@ def main() -> None:
         for spec in load_panel(args.panel):
             if not only or spec.name in only:
                 out[spec.name] = run_world(spec, args, Path(tmp) / spec.name)
-    worse = [(w, k) for w, r in out.items() for k, v in r.items() if k.startswith("k=") and v["test"]["vae_minus_pca"] < -1e-6]
+    worse = [(w, k) for w, r in out.items() for k, v in r.items()
+             if k.startswith("k=") and v["test"]["vae_minus_pca"] < -1e-6]
     print(json.dumps({"config": vars(args), "worlds": out, "vae_below_pca_on_test": worse}, indent=2))
 
 

@@ -313,7 +313,8 @@ def train_residual_vae(pack, out_dir, vae_cfg: VAEConfig, train_cfg: TrainConfig
         model.selection = {
             "metric": "validation reconstruction, ΔW cosine", "validation_rows": int(len(val_idx)),
             "pca_linear_path": round(keeper.history[0][1], 6), "chosen": round(keeper.best, 6),
-            "chosen_step": keeper.best_step, "residual_used": keeper.best_step > 0, "history": [list(h) for h in keeper.history],
+            "chosen_step": keeper.best_step, "residual_used": keeper.best_step > 0,
+            "history": [list(h) for h in keeper.history],
             "rule": f"the residual is kept where it beats the linear path by more than {keeper.margin:g} paired "
                     "standard errors",
         }

@@ -1,4 +1,5 @@
-"""Latent models: PCA (w2w baseline) and the LoRA-VAE trained through lorasynth.training.lightning."""
+"""Latent models: PCA (w2w baseline) and the LoRA-VAE (a PCA linear path plus a nonlinear residual, never
+below PCA; and the version-1 chunked network), trained through lorasynth.training.lightning."""
 
 from __future__ import annotations
 

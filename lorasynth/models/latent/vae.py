@@ -146,9 +146,10 @@ def residual_mlp(n_in: int, width: int, layers: int, n_out: int) -> nn.Module | 
 def residual_shapes(cfg: VAEConfig, dim: int) -> dict[str, tuple[int, ...]]:
     """Every tensor of a PCA-residual VAE and its shape (checked before allocating, as :func:`expected_shapes`)."""
     k, big_k, w = cfg.latent_dim, basis_size(cfg, dim), cfg.residual_width
-    out = {"mean": (dim,), "scale": (dim,), "center": (dim,), "basis": (dim, big_k), "coef_mean": (k,), "coef_std": (k,),
-           "out_scale": (big_k,), "logvar": (k,)}
-    for name, n_in, layers, n_out in (("enc_res", big_k, cfg.encoder_layers, k), ("dec_res", k, cfg.residual_layers, big_k)):
+    out = {"mean": (dim,), "scale": (dim,), "center": (dim,), "basis": (dim, big_k), "coef_mean": (k,),
+           "coef_std": (k,), "out_scale": (big_k,), "logvar": (k,)}
+    mlps = (("enc_res", big_k, cfg.encoder_layers, k), ("dec_res", k, cfg.residual_layers, big_k))
+    for name, n_in, layers, n_out in mlps:
         for i in range(layers + (layers > 0)):
             a, b = (n_in if i == 0 else w), (n_out if i == layers else w)
             out[f"{name}.{2 * i}.weight"], out[f"{name}.{2 * i}.bias"] = (b, a), (b,)
@@ -320,7 +321,8 @@ class VAENet(nn.Module):
         return mu
 
     def decode_coefficients(self, z: torch.Tensor) -> torch.Tensor:
-        """PCA-residual: latent ``(B, k)`` -> coefficients ``(B, K)``: the latent itself (PCA) plus the decoder's residual."""
+        """PCA-residual: latent ``(B, k)`` -> coefficients ``(B, K)``: the latent itself (PCA) plus the
+        decoder's residual."""
         out = nn.functional.pad(z, (0, self.basis.shape[1] - z.shape[1]))
         if self.dec_res is not None:
             out = out + self.out_scale * self.dec_res((z - self.coef_mean) / self.coef_std)
