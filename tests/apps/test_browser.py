@@ -8,32 +8,11 @@ Playwright's own browser download cannot work offline. The other flows: ``test_w
 from __future__ import annotations
 
 import httpx
-import pytest
 from PIL import Image
 
 from helpers import max_delta_diff
 
-from server_helpers import astronaut_png_bytes, load_tiny_lora
-from web_helpers import browser_context, open_page, running_server
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_server(tmp_path_factory) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def page(server, tmp_path_factory):
-    with browser_context(tmp_path_factory) as context:
-        yield open_page(context, server)
-
-
-@pytest.fixture(scope="module")
-def astro_png(tmp_path_factory):
-    path = tmp_path_factory.mktemp("photos") / "astronaut.png"
-    path.write_bytes(astronaut_png_bytes())
-    return path
+from server_helpers import load_tiny_lora
 
 
 def test_photo_to_lora_download_blend_and_preview(page, server, astro_png, tmp_path):

@@ -16,15 +16,9 @@ import pytest
 from PIL import Image
 
 from server_helpers import astronaut_png_bytes
-from web_helpers import browser_context, open_page, parse_a1111, running_server, wait_text
+from web_helpers import browser_context, open_page, parse_a1111, wait_text
 
 PANEL = "#preview-panel "
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_server(tmp_path_factory) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

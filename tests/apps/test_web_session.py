@@ -8,32 +8,11 @@ from __future__ import annotations
 import io
 
 import httpx
-import pytest
 from PIL import Image
 
-from server_helpers import astronaut_png_bytes
-from web_helpers import browser_context, open_page, parse_a1111, running_server, wait_text
+from web_helpers import parse_a1111, wait_text
 
 PANEL = "#preview-panel "
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_server(tmp_path_factory) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def page(server, tmp_path_factory):
-    with browser_context(tmp_path_factory) as context:
-        yield open_page(context, server)
-
-
-@pytest.fixture(scope="module")
-def astro_png(tmp_path_factory):
-    path = tmp_path_factory.mktemp("photos") / "astronaut.png"
-    path.write_bytes(astronaut_png_bytes())
-    return path
 
 
 def post_from_page(page, path: str, body: dict) -> dict:
