@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW = REPO / "lorasynth" / "comfyui" / "workflows" / "face_to_image.json"
+WORKFLOW = REPO / "lorasynth" / "apps" / "comfyui" / "workflows" / "face_to_image.json"
 
 SERVER = r'''
 import importlib.machinery, importlib.util, os, runpy, sys, types
@@ -70,7 +70,7 @@ def make_home(home: Path) -> None:
         (home / sub).mkdir(parents=True, exist_ok=True)
     (home / "models/checkpoints/v1-5-pruned-emaonly.safetensors").touch()
     (home / "models/lorasynth/w2w-sd15/lorasynth_model.json").write_text("{}")  # listed only, never loaded here
-    (home / "custom_nodes/comfyui-lorasynth").symlink_to(REPO / "lorasynth" / "comfyui")
+    (home / "custom_nodes/comfyui-lorasynth").symlink_to(REPO / "lorasynth" / "apps" / "comfyui")
     Image.fromarray(data.astronaut()).save(home / "input/face.png")
     (home / "extra.yaml").write_text(
         f"lorasynth:\n  base_path: {home}\n  checkpoints: models/checkpoints\n  loras: models/loras\n"
