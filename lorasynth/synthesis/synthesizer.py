@@ -28,7 +28,7 @@ from lorasynth.core.numbers import parse_float, parse_int
 from lorasynth.errors import InputError, LorasynthError, ModelError
 from lorasynth.formats import save_lora, synthesized_metadata
 from lorasynth.core.lora import LoRA
-from lorasynth.models.hypernet.model import MAX_GUIDANCE, MAX_STEPS
+from lorasynth.models.hypernet.model import CONFIG_FILE, MAX_GUIDANCE, MAX_STEPS
 from lorasynth.models.hypernet.regression import cosine_top_k, softmax_weights
 from lorasynth.models.latent import decode_rows
 from lorasynth.models.model_folder import SynthesisModel
@@ -197,12 +197,14 @@ class Synthesizer:
         ``blend`` (``k``, ``temperature``) chosen on validation people; ``{}`` for older models."""
         if self._defaults is None:
             self._defaults = {}
-            path = self.model.hypernet_dir / "hypernet.json"
+            path = self.model.hypernet_dir / CONFIG_FILE
             if self.model.info.has_hypernet and path.is_file():
-                from lorasynth.core.safe_io import read_json
+                from lorasynth.core.safe_io import parse_json
 
-                meta = read_json(path, "hypernetwork config", error=ModelError)
-                d = meta.get("defaults") if isinstance(meta, dict) else None
+                # the same checked read as the hypernetwork's loader (SHA-256 on the bytes parsed)
+                raw = self.model.read_part(f"{path.parent.name}/{CONFIG_FILE}")
+                meta = parse_json(raw, f"{path} (hypernetwork config)", error=ModelError)
+                d = meta.get("defaults")
                 if isinstance(d, dict):
                     self._defaults = check_defaults(d, path)
         return self._defaults
