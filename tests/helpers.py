@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import threading
+from pathlib import Path
+
 import torch
 
 from lorasynth.core.lora import LoRA, LoRAModule
@@ -85,3 +90,46 @@ def build_untrained_model(root, identities: int = 40, latent_dim: int = 6, cond_
     model.info.latent_kind, model.info.has_hypernet = "pca", True
     model.save()
     return root / "model"
+
+
+def make_kind(path: Path, kind: str) -> None:
+    """Put a ``kind`` where a regular file is expected (an existing file or folder is replaced)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "loop":
+        path.symlink_to(path)
+    elif kind == "dangling":
+        path.symlink_to(path.parent / "nowhere")
+    elif kind == "unreadable":  # a regular file the process may not open (see `denied` in tests/fuzz/test_file_kinds.py: root reads anything)
+        path.write_bytes(b"secret")
+    else:
+        raise AssertionError(kind)
+
+
+def within(seconds: float, fn, hang: str | None = None):
+    """Run ``fn`` in a thread and return its value (or raise its error); fail (instead of hanging the
+    suite) if it is still running after ``seconds``, with the message ``hang``."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), hang or f"still running after {seconds} s (a hang)"
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")

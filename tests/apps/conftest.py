@@ -1,12 +1,24 @@
-"""Fixtures of the browser tests (test_browser.py, test_web_*.py): one uvicorn server and one browser
-page per module. A module that needs a different page (test_web_a11y, test_web_infotext) defines its own."""
+"""Fixtures of the server and browser tests: the shared test world and its server config, one uvicorn
+server and one browser page per module. A module that needs a different page (test_web_a11y,
+test_web_infotext) defines its own."""
 
 from __future__ import annotations
 
 import pytest
 
-from server_helpers import astronaut_png_bytes
+from lorasynth.apps.server import ServerConfig
+from server_helpers import astronaut_png_bytes, shared_server_world
 from web_helpers import browser_context, open_page, running_server
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return shared_server_world(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def cfg(world):
+    return ServerConfig(model=str(world["model"]), base=str(world["base"]), library=str(world["library"]))
 
 
 @pytest.fixture(scope="module")

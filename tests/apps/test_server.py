@@ -30,21 +30,11 @@ from lorasynth.core.blending import blend
 from lorasynth.apps.server import ServerConfig, create_app
 from lorasynth.apps.server.backend import Backend
 from lorasynth.synthesis.synthesizer import SynthesisSettings, Synthesizer
-from server_helpers import astronaut_png_bytes, load_tiny_lora, shared_server_world
+from server_helpers import astronaut_png_bytes, load_tiny_lora
 
 REPO = Path(__file__).resolve().parents[2]
 #: The test client addresses the server by a name it is bound to (the Host check refuses "testserver").
 BASE = "http://127.0.0.1:7860"
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return shared_server_world(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def cfg(world):
-    return ServerConfig(model=str(world["model"]), base=str(world["base"]), library=str(world["library"]))
 
 
 @pytest.fixture(scope="module")

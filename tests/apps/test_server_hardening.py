@@ -36,20 +36,10 @@ from lorasynth.core.lora import LoRA, LoRAModule
 from lorasynth.errors import InputError
 from lorasynth.synthesis.synthesizer import SynthesisSettings
 from lorasynth.worlds.planted import tiny_layout
-from server_helpers import astronaut_png_bytes, load_tiny_lora, shared_server_world
+from server_helpers import astronaut_png_bytes, load_tiny_lora
 
 BASE = "http://127.0.0.1:7860"
 EVIL = "http://evil.example"
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return shared_server_world(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def cfg(world):
-    return ServerConfig(model=str(world["model"]), base=str(world["base"]), library=str(world["library"]))
 
 
 @pytest.fixture(scope="module")

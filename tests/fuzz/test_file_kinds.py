@@ -22,33 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import make_kind, within
 from hostile import Harness, peft_bytes
 
 KINDS = ["fifo", "dev-zero", "folder", "loop", "dangling", "unreadable"]
 LIMIT_S = 60
-
-
-def make_kind(path: Path, kind: str) -> None:
-    """Put a ``kind`` where a regular file is expected (an existing file or folder is replaced)."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "dev-zero":
-        path.symlink_to("/dev/zero")
-    elif kind == "folder":
-        path.mkdir()
-    elif kind == "loop":
-        path.symlink_to(path)
-    elif kind == "dangling":
-        path.symlink_to(path.parent / "nowhere")
-    elif kind == "unreadable":  # a regular file the process may not open (see `denied`: root reads anything)
-        path.write_bytes(b"secret")
-    else:
-        raise AssertionError(kind)
 
 
 @contextlib.contextmanager
@@ -78,17 +56,11 @@ def denied(path: Path):
 
 def run_limited(h: Harness, case: str, argv: list, expect=(1, 2), outputs=(), unreadable: Path | None = None):
     """``h.run`` in a thread; a command still running after LIMIT_S seconds is a hang."""
-    box = {}
-
     def work():
         with denied(unreadable) if unreadable is not None else contextlib.nullcontext():
-            box["rc"] = h.run(case, [str(a) for a in argv], expect=expect, outputs=tuple(outputs))
+            return h.run(case, [str(a) for a in argv], expect=expect, outputs=tuple(outputs))
 
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    t.join(LIMIT_S)
-    assert not t.is_alive(), f"{case}: lorasynth {' '.join(map(str, argv))} hangs"
-    return box.get("rc")
+    return within(LIMIT_S, work, f"{case}: lorasynth {' '.join(map(str, argv))} hangs")
 
 
 @pytest.fixture(scope="module")
@@ -250,10 +222,7 @@ def test_pack_files_of_every_kind(pack_dir, tmp_path, kind, name):
             except LibraryError as e:
                 box["error"] = str(e)
 
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    t.join(LIMIT_S)
-    assert not t.is_alive(), f"open_pack hangs on a {kind} {name}"
+    within(LIMIT_S, work, f"open_pack hangs on a {kind} {name}")
     assert "\n" not in box.get("error", "") and box.get("error"), f"a {kind} {name} was read as a pack file"
 
 

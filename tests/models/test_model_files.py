@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 from lorasynth.apps.cli.main import main
 from lorasynth.errors import ModelError
 
-from helpers import build_untrained_model
+from helpers import build_untrained_model, make_kind, within
 
 COND = 128
 
@@ -140,39 +139,6 @@ def test_a_listed_file_outside_the_parts_is_refused(model_dir, tmp_path, capsys)
 # --------------------------------------------------------------------------- file kinds of model parts
 
 
-def _replace(path: Path, kind: str) -> None:
-    path.unlink()
-    if kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "dev-zero":
-        path.symlink_to("/dev/zero")
-    elif kind == "folder":
-        path.mkdir()
-    elif kind == "loop":
-        path.symlink_to(path)
-    else:
-        raise AssertionError(kind)
-
-
-def _within(seconds: float, fn):
-    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it is still running after ``seconds``."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(seconds)
-    assert not t.is_alive(), f"still running after {seconds} s (a hang)"
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
 KINDS = ["fifo", "dev-zero", "folder", "loop"]
 FILES = ["latent/pca.safetensors", "latent/pca.json", "hypernet/hypernet.safetensors", "hypernet/hypernet.json",
          "lorasynth_model.json"]
@@ -183,12 +149,12 @@ FILES = ["latent/pca.safetensors", "latent/pca.json", "hypernet/hypernet.safeten
 def test_model_files_of_every_kind_are_one_line(model_dir, tmp_path, capsys, kind, rel):
     """Issue 20 #6: a FIFO hung ``synthesize``, a ``/dev/zero`` link read without bound."""
     folder = copy_model(model_dir, tmp_path / "m")
-    _replace(folder / rel, kind)
+    make_kind(folder / rel, kind)
     np.save(tmp_path / "e.npy", np.ones(COND, dtype=np.float32))
     out = tmp_path / "out.safetensors"
     for argv in (["synthesize", "--model", folder, "--embedding", tmp_path / "e.npy", "-o", out, "--strategy", "diffusion"],
                  ["export-model", folder, tmp_path / "share"]):
-        rc, err = _within(60, lambda: cli(argv, capsys))
+        rc, err = within(60, lambda: cli(argv, capsys))
         assert rc == 2, err
         line = one_line(err)
         assert any(w in line for w in ("FIFO", "device", "directory", "link", "not a lorasynth model")), line
